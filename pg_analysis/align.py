@@ -1,0 +1,273 @@
+"""The pg-align pipeline: features → preprocessing → grid → shuffled-pairs null → saved result.
+
+>>> cfg = AlignConfig(n=64, null=5)             # doctest: +SKIP
+>>> result = run_align(cfg)                      # doctest: +SKIP
+>>> save_align_result(result, Path("runs/align"))  # doctest: +SKIP
+
+Output folder (written under a temp name, renamed when complete):
+
+- ``grid.npy`` — ``[Lv, Ll]`` float32, rows = vision layers, columns = LM layers, index 0 = embeddings output;
+- ``null.npy`` — ``[P, Lv, Ll]`` grids under P random re-pairings (absent when ``null=0``);
+- ``alignment.json`` — best cell, per-LM-layer profile, null mean/std, z-scores and p-values per cell;
+- ``heatmap.png`` — the grid in the paper's orientation (LM layers vertical) and the z-score panel;
+- ``config.json`` — every option, runtime, package versions, git commit, feature-cache files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .metrics import get_metric, grid_from_states, prepare_layers
+from .preprocess import preprocess_features
+from .registry import DEFAULT_LM, DEFAULT_VISION
+from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, run_metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    """All options of one pg-align run. Validates itself; does no I/O."""
+
+    vision: str = DEFAULT_VISION
+    llm: str = DEFAULT_LM
+    data: str = "tuxpaint"
+    coco_root: str | None = None
+    n: int | None = None  # None: every pair of the source
+    seed: int = 0
+    metric: str = "mutual_knn"
+    k: int = 10
+    vision_pooling: str = "cls"
+    text_pooling: str = "mean"
+    outlier_q: float | None = 0.95
+    normalize: bool = True
+    null: int = 20
+    batch_size: int = 16
+    max_length: int = 128
+    device: str | None = None
+    dtype: str | None = "float32"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from .features import TEXT_POOLING, VISION_POOLING
+
+        get_metric(self.metric)
+        if self.vision_pooling not in VISION_POOLING:
+            raise InputError(f"vision pooling must be one of {VISION_POOLING}, got {self.vision_pooling!r}")
+        if self.text_pooling not in TEXT_POOLING:
+            raise InputError(f"text pooling must be one of {TEXT_POOLING}, got {self.text_pooling!r}")
+        if self.n is not None and self.n < 2:
+            raise InputError(f"n must be >= 2, got {self.n}")
+        if self.k < 1:
+            raise InputError(f"k must be >= 1, got {self.k}")
+        if self.n is not None and self.k >= self.n:
+            raise InputError(f"k must be < n (k={self.k}, n={self.n})")
+        if self.null < 0:
+            raise InputError(f"null must be >= 0, got {self.null}")
+        if self.outlier_q is not None and not 0 < self.outlier_q <= 1:
+            raise InputError(f"outlier quantile must be in (0, 1], got {self.outlier_q}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AlignConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def metric_kwargs(self) -> dict[str, Any]:
+        return {"k": self.k} if "k" in get_metric(self.metric).params else {}
+
+
+@dataclass
+class AlignResult:
+    """A finished alignment: ``grid [Lv, Ll]``, optional ``null [P, Lv, Ll]``, and provenance."""
+
+    config: AlignConfig
+    grid: np.ndarray
+    null: np.ndarray | None
+    vision_label: str
+    llm_label: str
+    n_samples: int
+    sample_ids: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        i, j = np.unravel_index(int(np.nanargmax(self.grid)), self.grid.shape)
+        return {"vision_layer": int(i), "llm_layer": int(j), "score": float(self.grid[i, j])}
+
+    def null_stats(self) -> dict[str, Any] | None:
+        if self.null is None or len(self.null) == 0:
+            return None
+        mean, std = self.null.mean(0), self.null.std(0, ddof=1) if len(self.null) > 1 else np.zeros_like(self.grid)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(std > 0, (self.grid - mean) / std, np.nan)
+        p = (1 + (self.null >= self.grid[None]).sum(0)) / (len(self.null) + 1)
+        return {"permutations": int(len(self.null)), "mean": float(self.null.mean()), "std": float(self.null.std()),
+                "cell_mean": mean, "cell_std": std, "z": z, "p": p}
+
+    def summary(self) -> dict[str, Any]:
+        best = self.best
+        out: dict[str, Any] = {
+            "vision": self.vision_label, "llm": self.llm_label, "metric": self.config.metric, "k": self.config.k,
+            "n_samples": self.n_samples, "shape": list(self.grid.shape),
+            "axes": {"rows": "vision layer (0 = embeddings)", "cols": "LM layer (0 = embeddings)"},
+            "best": best, "chance_mutual_knn": self.config.k / (self.n_samples - 1),
+            "llm_layer_profile": self.grid.max(0).tolist(), "vision_layer_profile": self.grid.max(1).tolist(),
+            "grid": self.grid.tolist(),
+        }
+        stats = self.null_stats()
+        if stats is not None:
+            i, j = best["vision_layer"], best["llm_layer"]
+            out["null"] = {"permutations": stats["permutations"], "mean": stats["mean"], "std": stats["std"],
+                           "best_cell_z": float(stats["z"][i, j]), "best_cell_p": float(stats["p"][i, j]),
+                           "z": stats["z"].tolist(), "p": stats["p"].tolist()}
+        return out
+
+
+def _feature_fields(cfg: AlignConfig, ids: list[str], captions: list[str], model_ident: dict, side: str,
+                    runtime: Any) -> dict[str, Any]:
+    from .features import FEATURES_VERSION
+
+    fields: dict[str, Any] = {
+        "side": side, "model": model_ident, "data": cfg.data, "coco_root": cfg.coco_root,
+        "samples": hashlib_of([*ids, *captions]), "n": len(ids),
+        "pooling": cfg.vision_pooling if side == "vision" else cfg.text_pooling,
+        "dtype": str(runtime.dtype), "device_type": runtime.device.type, "version": FEATURES_VERSION,
+    }
+    if side == "text":
+        fields["max_length"] = cfg.max_length
+    return fields
+
+
+def hashlib_of(items: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Vision ``[Lv, N, Dv]`` and LM ``[Ll, N, Dl]`` features for the configured pairs (from cache when possible)."""
+    from . import data as data_mod
+    from .assets import cache_root
+    from .features import FeatureCache, extract_text, extract_vision
+    from .models import load_lm, load_vision, model_identity, pick_runtime
+    from .registry import resolve_model
+
+    vision_entry = resolve_model(cfg.vision, "vision")
+    llm_entry = resolve_model(cfg.llm, "lm")
+    runtime = pick_runtime(cfg.device, cfg.dtype)
+    ds = data_mod.select(data_mod.load_pairs(cfg.data, cfg.coco_root), cfg.n, cfg.seed)
+    if cfg.k >= len(ds):
+        raise InputError(f"k must be < number of samples (k={cfg.k}, N={len(ds)})")
+    ids, captions = list(ds["id"]), list(ds["caption"])
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features")
+
+    v_fields = _feature_fields(cfg, ids, captions, model_identity(vision_entry), "vision", runtime)
+    t_fields = _feature_fields(cfg, ids, captions, model_identity(llm_entry), "text", runtime)
+
+    def vision() -> torch.Tensor:
+        adapter = load_vision(vision_entry, runtime)
+        return extract_vision(adapter, list(ds["image"]), ids, cfg.vision_pooling, cfg.batch_size, progress)
+
+    def text() -> torch.Tensor:
+        adapter = load_lm(llm_entry, runtime)
+        return extract_text(adapter, captions, cfg.text_pooling, cfg.batch_size, cfg.max_length, progress)
+
+    vf, v_cached = cache.get_or_compute("vision", v_fields, vision)
+    tf, t_cached = cache.get_or_compute("text", t_fields, text)
+    info = {"runtime": runtime.to_dict(), "sample_ids": ids, "vision_label": vision_entry.display,
+            "llm_label": llm_entry.display,
+            "feature_cache": {"vision": str(cache.paths("vision", v_fields)[0]), "vision_hit": v_cached,
+                              "text": str(cache.paths("text", t_fields)[0]), "text_hit": t_cached}}
+    return vf, tf, info
+
+
+def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progress: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Preprocess both feature stacks, score the grid, and the null grids under ``cfg.null`` re-pairings."""
+    if vf.shape[1] != tf.shape[1]:
+        raise InputError(f"vision and text features have different sample counts ({vf.shape[1]} vs {tf.shape[1]})")
+    for name, f in (("vision", vf), ("text", tf)):
+        if not torch.isfinite(f).all():
+            raise InputError(f"{name} features contain NaN/inf values")
+    xs, tv = preprocess_features(vf, cfg.outlier_q, cfg.normalize)
+    ys, tt = preprocess_features(tf, cfg.outlier_q, cfg.normalize)
+    kw = cfg.metric_kwargs()
+    sx, sy = prepare_layers(xs, cfg.metric, **kw), prepare_layers(ys, cfg.metric, **kw)
+    grid = grid_from_states(sx, sy, cfg.metric, **kw).numpy()
+    null = None
+    if cfg.null > 0:
+        # Re-pair by permuting the side with fewer layers; the other side's states are reused.
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        n = xs.shape[1]
+        permute_x = xs.shape[0] <= ys.shape[0]
+        grids = []
+        for _ in tqdm(range(cfg.null), desc="null re-pairings", disable=not progress):
+            perm = torch.randperm(n, generator=gen)
+            if permute_x:
+                g = grid_from_states(prepare_layers(xs[:, perm], cfg.metric, **kw), sy, cfg.metric, **kw)
+            else:
+                g = grid_from_states(sx, prepare_layers(ys[:, perm], cfg.metric, **kw), cfg.metric, **kw)
+            grids.append(g.numpy())
+        null = np.stack(grids)
+    return grid, null, {"outlier_threshold": {"vision": tv, "text": tt}}
+
+
+def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
+    t0 = time.perf_counter()
+    vf, tf, info = compute_features(cfg, progress)
+    t1 = time.perf_counter()
+    grid, null, pinfo = score_features(vf, tf, cfg, progress)
+    t2 = time.perf_counter()
+    info.update(pinfo)
+    info["timing_s"] = {"features": round(t1 - t0, 3), "scoring": round(t2 - t1, 3)}
+    return AlignResult(cfg, grid, null, info.pop("vision_label"), info.pop("llm_label"), int(vf.shape[1]),
+                       info.pop("sample_ids"), info)
+
+
+def save_align_result(result: AlignResult, out_dir: Path) -> Path:
+    """Write the result folder atomically (see module docstring). Returns ``out_dir``."""
+    from .plots import alignment_heatmap
+
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir) as tmp:
+        buf = io.BytesIO()
+        np.save(buf, result.grid.astype(np.float32))
+        atomic_write_bytes(tmp / "grid.npy", buf.getvalue())
+        if result.null is not None:
+            buf = io.BytesIO()
+            np.save(buf, result.null.astype(np.float32))
+            atomic_write_bytes(tmp / "null.npy", buf.getvalue())
+        summary = result.summary()
+        atomic_write_json(tmp / "alignment.json", summary)
+        atomic_write_json(tmp / "config.json", {"command": "pg-align", "config": result.config.to_dict(),
+                                                "sample_ids": result.sample_ids, **result.info, **run_metadata()})
+        alignment_heatmap(summary, tmp / "heatmap.png")
+    return out_dir
+
+
+def load_align_result(out_dir: Path) -> dict[str, Any]:
+    """Read a saved result's ``alignment.json`` (figures and recommend use this; no model is loaded)."""
+    path = Path(out_dir) / "alignment.json"
+    if not path.is_file():
+        raise InputError(f"{out_dir} holds no pg-align result (alignment.json missing)")
+    return json.loads(path.read_text())

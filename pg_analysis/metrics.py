@@ -1,0 +1,386 @@
+"""Representation-alignment metrics: pure functions over feature matrices, and a layer×layer grid.
+
+Every metric compares two sets of features of the *same* ``N`` samples, ``a: [N, Da]`` and ``b: [N, Db]``, and
+returns a Python float. Computation is fp32 on whatever device the inputs live on.
+
+Each metric is defined once, as two halves:
+
+- ``prepare(x) -> state``: the per-layer work (a kNN mask, a centred Gram matrix, an SVD basis);
+- ``compare(state_a, state_b) -> float``: the cross-layer work.
+
+``metric(a, b)`` is ``compare(prepare(a), prepare(b))``; :func:`alignment_grid` prepares every layer once and then
+compares all pairs — batched as one matrix product where the metric is bilinear in its states (mutual_knn, cka,
+unbiased_cka, cycle_knn, svcca), pair by pair otherwise (cknna).
+
+Definitions (following Huh et al. 2024, "The Platonic Representation Hypothesis", with the fixes noted):
+
+- ``mutual_knn``: cosine kNN sets (a sample is never its own neighbour); mean over samples of
+  ``|kNN_a(i) ∩ kNN_b(i)| / k``. Random features give ≈ ``k / (N - 1)``.
+- ``cycle_knn``: fraction of samples ``i`` for which some ``j`` in ``kNN_b(i)`` has ``i`` in ``kNN_a(j)``.
+- ``cka``: linear CKA with the biased HSIC estimator (centred Gram matrices).
+- ``unbiased_cka``: linear CKA with the unbiased HSIC estimator (Song et al. 2012); needs ``N >= 4``.
+- ``cknna``: CKA restricted to pairs that are mutual k-nearest neighbours in both spaces (unbiased HSIC).
+  ``k=None`` means "every other sample", which makes it exactly ``unbiased_cka`` (the reference code crashes).
+  Returns NaN when a self-similarity is not positive (the reference adds 1e-6 and returns a large number).
+- ``svcca``: keep the top ``dim`` left singular vectors of each centred matrix (deterministic LAPACK SVD);
+  the score is the mean canonical correlation between the two subspaces, i.e. the mean singular value of
+  ``U_aᵀ U_b``. The reference's result depended on a random initialisation; this one does not.
+
+Every metric here can be negative only where stated (the CKA family); code that looks for a best cell must use
+``argmax``, never a best score initialised to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+Tensor = torch.Tensor
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _as_matrix(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except Exception as e:  # noqa: BLE001 - report any conversion failure as bad input
+            raise InputError(f"{name}: cannot convert to a tensor ({e})") from None
+    if x.ndim != 2:
+        raise InputError(f"{name}: expected a [N, D] matrix, got shape {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise InputError(f"{name}: need at least 2 samples, got {x.shape[0]}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise InputError(f"{name}: features contain {bad} NaN/inf values")
+    return x
+
+
+def _check_k(k: int | None, n: int, *, allow_none: bool = False) -> None:
+    if k is None and allow_none:
+        return
+    if k is None or isinstance(k, bool) or not isinstance(k, int):
+        raise InputError(f"k must be an integer, got {k!r}")
+    if not 1 <= k < n:
+        raise InputError(f"k must satisfy 1 <= k < N (N={n}), got k={k}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared building blocks
+
+
+def knn_mask(x: Tensor, k: int) -> Tensor:
+    """0/1 float mask ``[N, N]``; row i marks the k nearest neighbours of i by cosine similarity, i excluded."""
+    xn = F.normalize(x, dim=-1)
+    sim = xn @ xn.T
+    sim.fill_diagonal_(float("-inf"))
+    idx = sim.topk(k, dim=1).indices
+    return torch.zeros_like(sim).scatter_(1, idx, 1.0)
+
+
+def _center_gram(k: Tensor) -> Tensor:
+    """``H K H`` with ``H = I - 11ᵀ/n``."""
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def _unbiased_hsic_operand(kt: Tensor) -> Tensor:
+    """``U(K̃)`` such that ``HSIC_u(K, L) = <U(K̃), L̃>_F / (n (n-3))`` for zero-diagonal ``K̃, L̃`` (Song et al.)."""
+    n = kt.shape[0]
+    r = kt.sum(1, keepdim=True)
+    return kt + kt.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * r.expand(n, n)
+
+
+def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
+    """Unbiased HSIC estimator of two ``[N, N]`` kernels (diagonals ignored; need not be symmetric)."""
+    n = k.shape[0]
+    kt = k.clone().fill_diagonal_(0)
+    lt = l.clone().fill_diagonal_(0)
+    value = (
+        (kt * lt.T).sum()
+        + kt.sum() * lt.sum() / ((n - 1) * (n - 2))
+        - 2.0 * (kt.sum(0) * lt.sum(1)).sum() / (n - 2)
+    )
+    return value / (n * (n - 3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metric definitions: prepare / compare (and an optional batched grid over prepared states)
+
+
+def _mknn_prepare(x: Tensor, k: int) -> Tensor:
+    return knn_mask(x, k)
+
+
+def _mknn_compare(ma: Tensor, mb: Tensor, k: int) -> float:
+    return float((ma * mb).sum() / (ma.shape[0] * k))
+
+
+def _mknn_grid(sx: list[Tensor], sy: list[Tensor], k: int) -> Tensor:
+    n = sx[0].shape[0]
+    mx = torch.stack(sx).reshape(len(sx), -1)
+    my = torch.stack(sy).reshape(len(sy), -1)
+    return (mx @ my.T) / (n * k)
+
+
+def _cycle_compare(ma: Tensor, mb: Tensor, k: int) -> float:
+    # sample i returns iff some j in kNN_b(i) has i in kNN_a(j): sum_j mb[i, j] * ma[j, i] > 0
+    return float(((mb * ma.T).sum(1) > 0).float().mean())
+
+
+def _cycle_grid(sx: list[Tensor], sy: list[Tensor], k: int) -> Tensor:
+    a = torch.stack(sx).permute(2, 1, 0)  # [i, j, Lx]: ma_x[j, i]
+    b = torch.stack(sy).permute(1, 0, 2)  # [i, Ly, j]: mb_y[i, j]
+    counts = torch.bmm(b, a)  # [i, Ly, Lx]
+    return (counts > 0).float().mean(0).T
+
+
+def _cka_prepare(x: Tensor) -> Tensor:
+    kc = _center_gram(x @ x.T)
+    norm = kc.norm()
+    if norm <= 0:
+        raise InputError("cka: features have zero variance (all samples identical)")
+    return kc / norm
+
+
+def _cka_compare(sa: Tensor, sb: Tensor) -> float:
+    return float((sa * sb).sum())
+
+
+def _flat_dot_grid(sx: list[Tensor], sy: list[Tensor]) -> Tensor:
+    return torch.stack(sx).reshape(len(sx), -1) @ torch.stack(sy).reshape(len(sy), -1).T
+
+
+def _ucka_prepare(x: Tensor) -> tuple[Tensor, Tensor]:
+    n = x.shape[0]
+    if n < 4:
+        raise InputError(f"unbiased_cka needs N >= 4 samples, got {n}")
+    kt = (x @ x.T).fill_diagonal_(0)
+    u = _unbiased_hsic_operand(kt)
+    self_hsic = (u * kt).sum()
+    if self_hsic <= 0:
+        raise InputError("unbiased_cka: non-positive self-HSIC (degenerate features)")
+    scale = self_hsic.rsqrt()
+    return u * scale, kt * scale
+
+
+def _ucka_compare(sa: tuple[Tensor, Tensor], sb: tuple[Tensor, Tensor]) -> float:
+    return float((sa[0] * sb[1]).sum())
+
+
+def _ucka_grid(sx: list, sy: list) -> Tensor:
+    return _flat_dot_grid([s[0] for s in sx], [s[1] for s in sy])
+
+
+def _cknna_prepare(x: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.shape[0]
+    if n < 4:
+        raise InputError(f"cknna needs N >= 4 samples, got {n}")
+    gram = x @ x.T
+    mask = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device) if k is None else knn_mask(x, k)
+    self_sim = hsic_unbiased(mask * gram, mask * gram)
+    return gram, mask, self_sim
+
+
+def _cknna_compare(sa: tuple, sb: tuple, k: int | None) -> float:
+    ka, ma, kk = sa
+    lb, mb, ll = sb
+    denom = kk * ll
+    if denom <= 0:
+        return float("nan")
+    m = ma * mb
+    return float(hsic_unbiased(m * ka, m * lb) / denom.sqrt())
+
+
+def _svcca_prepare(x: Tensor, dim: int) -> Tensor:
+    if dim < 1:
+        raise InputError(f"svcca: dim must be >= 1, got {dim}")
+    xc = x - x.mean(0, keepdim=True)
+    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
+    rank = int((s > s.max() * max(xc.shape) * torch.finfo(s.dtype).eps).sum())
+    if rank < dim:
+        raise InputError(f"svcca: features have rank {rank} < dim={dim}")
+    return u[:, :dim]
+
+
+def _svcca_compare(ua: Tensor, ub: Tensor, dim: int) -> float:
+    return float(torch.linalg.svdvals(ua.T @ ub).clamp(max=1.0).mean())
+
+
+def _svcca_grid(sx: list[Tensor], sy: list[Tensor], dim: int) -> Tensor:
+    m = torch.einsum("and,bne->abde", torch.stack(sx), torch.stack(sy))
+    return torch.linalg.svdvals(m).clamp(max=1.0).mean(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: ``prepare`` per layer, ``compare`` per pair, ``grid`` batched over prepared layers."""
+
+    name: str
+    prepare: Callable[..., Any]
+    compare: Callable[..., float]
+    grid: Callable[..., Tensor] | None
+    params: tuple[str, ...]  # keyword parameters it takes, e.g. ("k",)
+    defaults: dict[str, Any]
+    doc: str
+
+    def kwargs(self, **given: Any) -> dict[str, Any]:
+        unknown = set(given) - set(self.params)
+        if unknown:
+            raise InputError(f"metric {self.name!r} takes {list(self.params)}, not {sorted(unknown)}")
+        return {**self.defaults, **given}
+
+    def __call__(self, a: Any, b: Any, **kw: Any) -> float:
+        a = _as_matrix(a, "a")
+        b = _as_matrix(b, "b")
+        if a.shape[0] != b.shape[0]:
+            raise InputError(f"a and b must have the same number of samples, got {a.shape[0]} and {b.shape[0]}")
+        kw = self.kwargs(**kw)
+        _validate_params(self, kw, a.shape[0])
+        return self.compare(self.prepare(a, **kw), self.prepare(b, **kw), **_compare_kw(self, kw))
+
+
+def _compare_kw(metric: Metric, kw: dict[str, Any]) -> dict[str, Any]:
+    return {p: kw[p] for p in metric.params}
+
+
+def _validate_params(metric: Metric, kw: dict[str, Any], n: int) -> None:
+    if "k" in metric.params:
+        _check_k(kw["k"], n, allow_none=metric.name == "cknna")
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    if metric.name in METRICS:
+        raise InputError(f"metric {metric.name!r} is already registered")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise InputError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None
+
+
+def _no_kw(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda *args, **_: fn(*args)
+
+
+register_metric(Metric("mutual_knn", _mknn_prepare, _mknn_compare, _mknn_grid, ("k",), {"k": 10},
+                       "mean fraction of shared cosine k-nearest neighbours"))
+register_metric(Metric("cycle_knn", _mknn_prepare, _cycle_compare, _cycle_grid, ("k",), {"k": 10},
+                       "fraction of samples whose b-neighbours have them as a-neighbours"))
+register_metric(Metric("cka", _no_kw(_cka_prepare), _no_kw(_cka_compare), _no_kw(_flat_dot_grid), (), {},
+                       "linear CKA, biased HSIC"))
+register_metric(Metric("unbiased_cka", _no_kw(_ucka_prepare), _no_kw(_ucka_compare), _no_kw(_ucka_grid), (), {},
+                       "linear CKA, unbiased HSIC"))
+register_metric(Metric("cknna", _cknna_prepare, _cknna_compare, None, ("k",), {"k": 10},
+                       "CKA restricted to mutual kNN pairs (k=None: all pairs = unbiased_cka)"))
+register_metric(Metric("svcca", _svcca_prepare, _svcca_compare, _svcca_grid, ("dim",), {"dim": 10},
+                       "mean canonical correlation of the top-dim SVD subspaces"))
+
+
+def mutual_knn(a: Any, b: Any, k: int = 10) -> float:
+    """Mutual k-NN alignment of ``a: [N, Da]`` and ``b: [N, Db]``: mean of ``|kNN_a(i) ∩ kNN_b(i)| / k``.
+
+    >>> import torch
+    >>> x = torch.randn(50, 8)
+    >>> mutual_knn(x, 3 * x, k=5)
+    1.0
+    """
+    return METRICS["mutual_knn"](a, b, k=k)
+
+
+def cycle_knn(a: Any, b: Any, k: int = 10) -> float:
+    """Cycle k-NN of ``a: [N, Da]``, ``b: [N, Db]`` (see module docstring)."""
+    return METRICS["cycle_knn"](a, b, k=k)
+
+
+def cka(a: Any, b: Any) -> float:
+    """Linear CKA (biased HSIC) of ``a: [N, Da]`` and ``b: [N, Db]``."""
+    return METRICS["cka"](a, b)
+
+
+def unbiased_cka(a: Any, b: Any) -> float:
+    """Linear CKA with the unbiased HSIC estimator of ``a: [N, Da]`` and ``b: [N, Db]``."""
+    return METRICS["unbiased_cka"](a, b)
+
+
+def cknna(a: Any, b: Any, k: int | None = 10) -> float:
+    """CKNNA of ``a: [N, Da]``, ``b: [N, Db]``; ``k=None`` uses all pairs and equals :func:`unbiased_cka`."""
+    return METRICS["cknna"](a, b, k=k)
+
+
+def svcca(a: Any, b: Any, dim: int = 10) -> float:
+    """SVCCA of ``a: [N, Da]``, ``b: [N, Db]`` over the top-``dim`` singular subspaces (deterministic)."""
+    return METRICS["svcca"](a, b, dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the grid
+
+
+def _as_layers(xs: Any, name: str) -> list[Tensor]:
+    if isinstance(xs, Tensor):
+        if xs.ndim != 3:
+            raise InputError(f"{name}: expected [L, N, D] or a list of [N, D], got shape {tuple(xs.shape)}")
+        xs = list(xs.unbind(0))
+    if not isinstance(xs, Sequence) or len(xs) == 0:
+        raise InputError(f"{name}: expected a non-empty [L, N, D] tensor or list of [N, D] matrices")
+    return [_as_matrix(x, f"{name}[{i}]") for i, x in enumerate(xs)]
+
+
+def prepare_layers(xs: Any, metric: str = "mutual_knn", **kw: Any) -> list[Any]:
+    """Per-layer states of ``xs: [L, N, D]`` for ``metric`` (the work :func:`alignment_grid` does once per layer)."""
+    m = get_metric(metric)
+    layers = _as_layers(xs, "xs")
+    kw = m.kwargs(**kw)
+    _validate_params(m, kw, layers[0].shape[0])
+    with torch.no_grad():
+        return [m.prepare(x, **kw) for x in layers]
+
+
+def grid_from_states(sx: list[Any], sy: list[Any], metric: str = "mutual_knn", **kw: Any) -> Tensor:
+    """``[Lx, Ly]`` scores of prepared layer states (see :func:`prepare_layers`)."""
+    m = get_metric(metric)
+    ckw = _compare_kw(m, m.kwargs(**kw))
+    with torch.no_grad():
+        if m.grid is not None:
+            return m.grid(sx, sy, **ckw).float()
+        return torch.tensor([[m.compare(a, b, **ckw) for b in sy] for a in sx], dtype=torch.float32)
+
+
+def alignment_grid(xs: Any, ys: Any, metric: str = "mutual_knn", **kw: Any) -> Tensor:
+    """Score every layer of ``xs: [Lx, N, Dx]`` against every layer of ``ys: [Ly, N, Dy]`` → ``[Lx, Ly]`` fp32.
+
+    Per-layer work (kNN sets, Gram matrices, SVD bases) is done once per layer, not once per pair.
+    ``xs`` / ``ys`` may be 3-D tensors or lists of ``[N, D]`` matrices (dims may differ between lists).
+
+    >>> import torch
+    >>> g = alignment_grid(torch.randn(3, 40, 8), torch.randn(2, 40, 16), metric="mutual_knn", k=5)
+    >>> tuple(g.shape)
+    (3, 2)
+    """
+    m = get_metric(metric)
+    lx = _as_layers(xs, "xs")
+    ly = _as_layers(ys, "ys")
+    n = lx[0].shape[0]
+    for name, layers in (("xs", lx), ("ys", ly)):
+        for i, x in enumerate(layers):
+            if x.shape[0] != n:
+                raise InputError(f"{name}[{i}] has {x.shape[0]} samples, expected N={n} like xs[0]")
+    return grid_from_states(prepare_layers(lx, metric, **kw), prepare_layers(ly, metric, **kw), metric, **kw)

@@ -1,0 +1,230 @@
+"""Load vision encoders and language models from registry entries; one adapter per family.
+
+An adapter yields per-layer hidden states ``[batch, pos, d]`` in the toolkit's convention: index 0 is the embeddings
+output, index i the output of block i. (For LLaMA-family LMs HF applies the final norm to the last entry, as in Huh
+et al.'s reference code; we keep HF's tuple unchanged.)
+
+Device and dtype are chosen once (:func:`pick_runtime`) and recorded with every result.
+
+Hub models: if a hub id is in the local HF cache it is loaded from there without touching the network; otherwise the
+hub is probed once (a 3 s connection attempt) and, if unreachable, :class:`ModelUnavailable` says how to provide the
+model — instead of the minute of retries ``from_pretrained`` spends before failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import assets
+from .errors import InputError, ModelUnavailable
+from .registry import LM_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
+
+log = logging.getLogger(__name__)
+
+HF_ENDPOINT = "huggingface.co"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "reason": self.reason}
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
+    """Decide device and dtype once. Default: CUDA if present (bf16 on compute capability ≥ 8.0), else CPU fp32."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA device is available")
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+        return Runtime(dev, _DTYPES[dtype], f"dtype {dtype} requested")
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8:
+        return Runtime(dev, torch.bfloat16, "CUDA compute capability >= 8.0: bf16")
+    return Runtime(dev, torch.float32, f"{dev.type}: fp32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sources
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((HF_ENDPOINT, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hf_cache(repo_id: str, revision: str | None, filename: str = "config.json", repo_type: str = "model") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type)
+    return isinstance(hit, str)
+
+
+def resolve_source(entry: ModelEntry) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` should read ``entry`` from, and the extra kwargs (revision, local_files_only)."""
+    if entry.asset is not None:
+        return str(assets.ensure_asset(entry.asset)), {}
+    if entry.path is not None:
+        if not Path(entry.path).is_dir():
+            raise InputError(f"model folder {entry.path} does not exist")
+        return entry.path, {}
+    assert entry.hub_id is not None
+    kw: dict[str, Any] = {"revision": entry.revision} if entry.revision else {}
+    if _in_hf_cache(entry.hub_id, entry.revision):
+        return entry.hub_id, {**kw, "local_files_only": True}
+    if not hub_reachable():
+        raise ModelUnavailable(
+            f"model {entry.alias!r} ({entry.hub_id}) is not in the local HF cache and the hub is unreachable: "
+            f"download it where there is network (`hf download {entry.hub_id}`) and copy the cache "
+            f"(HF_HOME), or pass a local folder instead of {entry.alias!r}")
+    return entry.hub_id, kw
+
+
+def _from_pretrained(cls: Any, entry: ModelEntry, source: str, kw: dict[str, Any], **extra: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, **kw, **extra)
+    except OSError as e:
+        raise ModelUnavailable(f"could not load {entry.alias!r} from {source}: {str(e).splitlines()[0]}") from None
+
+
+def _family(entry: ModelEntry, source: str, kw: dict[str, Any]) -> tuple[str, Any]:
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, entry, source, kw)
+    family = entry.family or family_of_model_type(config.model_type, entry.alias)
+    return family, config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adapters
+
+
+@dataclass
+class VisionAdapter:
+    """A vision encoder with its image processor. ``hidden_states(pixel_values)`` → tuple of ``[B, P, D]``."""
+
+    entry: ModelEntry
+    family: str
+    model: Any
+    processor: Any
+    runtime: Runtime
+
+    @property
+    def n_layers(self) -> int:
+        """Number of hidden states: embeddings + blocks."""
+        return self.model.config.num_hidden_layers + 1
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the patch grid (CLS, registers)."""
+        return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        px = pixel_values.to(self.runtime.device, self.runtime.dtype)
+        return self.model(pixel_values=px, output_hidden_states=True).hidden_states
+
+
+@dataclass
+class LMAdapter:
+    """A causal LM's decoder (no LM head) with its tokenizer. ``hidden_states(ids, mask)`` → tuple of ``[B, T, D]``."""
+
+    entry: ModelEntry
+    family: str
+    model: Any
+    tokenizer: Any
+    runtime: Runtime
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers + 1
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids.to(self.runtime.device),
+                         attention_mask=attention_mask.to(self.runtime.device), output_hidden_states=True)
+        return out.hidden_states
+
+
+def _vision_class(family: str) -> Any:
+    import transformers
+
+    return {"clip": transformers.CLIPVisionModel, "dinov2": transformers.Dinov2Model,
+            "vit": transformers.ViTModel}[family]
+
+
+def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
+    from transformers import AutoImageProcessor
+
+    source, kw = resolve_source(entry)
+    family, _ = _family(entry, source, kw)
+    if family not in VISION_FAMILIES:
+        raise InputError(f"{entry.alias!r} is a {family} model, not a vision encoder ({', '.join(VISION_FAMILIES)})")
+    extra = {"add_pooling_layer": False} if family == "vit" else {}
+    model = _from_pretrained(_vision_class(family), entry, source, kw, dtype=runtime.dtype, **extra)
+    processor = _from_pretrained(AutoImageProcessor, entry, source, kw)
+    return VisionAdapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
+
+
+def load_lm(entry: ModelEntry, runtime: Runtime) -> LMAdapter:
+    from transformers import AutoModel, AutoTokenizer
+
+    source, kw = resolve_source(entry)
+    family, _ = _family(entry, source, kw)
+    if family not in LM_FAMILIES:
+        raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
+    model = _from_pretrained(AutoModel, entry, source, kw, dtype=runtime.dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, entry, source, kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LMAdapter(entry, family, model.to(runtime.device).eval(), tokenizer, runtime)
+
+
+def model_identity(entry: ModelEntry) -> dict[str, Any]:
+    """What determines a model's outputs, without loading its weights (part of feature-cache keys)."""
+    ident: dict[str, Any] = {"alias": entry.alias, "source": entry.source, "revision": entry.revision}
+    folder: Path | None = None
+    if entry.asset is not None:
+        folder = assets.ensure_asset(entry.asset)
+        ident["asset"] = assets.asset_info(entry.asset)
+    elif entry.path is not None:
+        folder = Path(entry.path)
+    if folder is not None:
+        for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            f = folder / name
+            if f.is_file():
+                ident[name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return ident

