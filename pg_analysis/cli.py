@@ -32,6 +32,15 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
         return 130
 
 
+def _quiet_hf() -> None:
+    """Silence transformers' and datasets' own progress bars (``--quiet``)."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def _optional_q(value: str) -> float | None:
     if value.lower() in ("none", "off", "1", "1.0"):
         return None
@@ -87,6 +96,8 @@ def _align_main(args: argparse.Namespace) -> int:
     from .runinfo import check_writable_parent
 
     t0 = time.perf_counter()
+    if args.quiet:
+        _quiet_hf()
     out = Path(args.out)
     check_writable_parent(out)
     cfg = AlignConfig(vision=args.vision, llm=args.llm, data=args.data, coco_root=args.coco_root, n=args.n,

