@@ -1,0 +1,215 @@
+"""grounded_forward on tiny random Llama and Qwen2 models (fp32)."""
+
+import pytest
+import torch
+
+from pg_analysis.errors import InputError
+from pg_train.grounding import GroundedCache, causal_key_mask, full_positions, grounded_forward, pack_rows
+from tests.conftest import tiny_llama_config
+
+N_LAYERS = 4
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=N_LAYERS, vocab_size=50))
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128))
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"], scope="module")
+def model(request):
+    return _model(request.param)
+
+
+def _batch(seed=0, d=32):
+    """3 samples, T=12: right padding (2 pads) + 4 vision rows; left padding (3 pads) + 2 vision rows; no padding,
+    no vision rows. Vision rows sit in the middle of the text, as after an image placeholder."""
+    g = torch.Generator().manual_seed(seed)
+    t = 12
+    embeds = torch.randn(3, t, d, generator=g)
+    attn = torch.ones(3, t, dtype=torch.long)
+    attn[0, -2:] = 0
+    attn[1, :3] = 0
+    vision = torch.zeros(3, t, dtype=torch.bool)
+    vision[0, 2:6] = True
+    vision[1, 5:7] = True
+    return embeds, vision, attn
+
+
+def test_insert_layer_zero_is_the_ordinary_model(model):
+    embeds, vision, attn = _batch()
+    with torch.no_grad():
+        ours = grounded_forward(model, embeds, vision, 0, attention_mask=attn).logits
+        ref = model(inputs_embeds=embeds, attention_mask=attn,
+                    position_ids=full_positions(attn)).logits
+    keep = attn.bool()
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3, N_LAYERS])
+def test_splice_equals_masked_variant_at_text_rows(model, layer):
+    embeds, vision, attn = _batch(1)
+    with torch.no_grad():
+        splice = grounded_forward(model, embeds, vision, layer, attention_mask=attn, mode="splice").logits
+        masked = grounded_forward(model, embeds, vision, layer, attention_mask=attn, mode="mask").logits
+    text = attn.bool() & ~vision
+    torch.testing.assert_close(splice[text], masked[text], atol=1e-5, rtol=0)
+    vis = attn.bool() & vision  # vision rows enter at the same layer with the same inputs: equal too
+    torch.testing.assert_close(splice[vis], masked[vis], atol=1e-5, rtol=0)
+
+
+def test_insert_at_last_layer_text_rows_are_text_only_model_with_true_positions(model):
+    embeds, vision, attn = _batch(2)
+    with torch.no_grad():
+        out = grounded_forward(model, embeds, vision, N_LAYERS, attention_mask=attn).logits
+        for b in range(3):
+            rows = (attn[b].bool() & ~vision[b]).nonzero().squeeze(1)
+            pos = full_positions(attn)[b, rows]
+            ref = model(inputs_embeds=embeds[b:b + 1, rows], position_ids=pos[None]).logits[0]
+            torch.testing.assert_close(out[b, rows], ref, atol=1e-5, rtol=0)
+            # vision rows reach only the final norm and the head
+            vrows = vision[b].nonzero().squeeze(1)
+            direct = model.lm_head(model.model.norm(embeds[b, vrows]))
+            torch.testing.assert_close(out[b, vrows], direct, atol=1e-5, rtol=0)
+
+
+def test_positions_differ_from_packed_order():
+    # a model run on text rows with *packed* positions differs: the grounded pass must use the true ones
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)  # large init: attention is sharp enough for RoPE positions to matter visibly
+    m = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=N_LAYERS, vocab_size=50, initializer_range=0.5)).eval()
+    embeds, vision, attn = _batch(3)
+    with torch.no_grad():
+        out = grounded_forward(m, embeds, vision, N_LAYERS, attention_mask=attn).logits
+        rows = (~vision[0] & attn[0].bool()).nonzero().squeeze(1)
+        packed = m(inputs_embeds=embeds[:1, rows]).logits[0]
+    assert (out[0, rows] - packed).abs().max() > 1e-3
+
+
+def test_low_layers_never_see_vision_rows():
+    m = _model("llama")
+    embeds, vision, attn = _batch(4)
+    seen = {}
+
+    def record(i):
+        def hook(module, args, kwargs):
+            seen[i] = args[0].shape[1]
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(m.model.layers)]
+    try:
+        with torch.no_grad():
+            grounded_forward(m, embeds, vision, 2, attention_mask=attn)
+    finally:
+        for h in hooks:
+            h.remove()
+    t_text = int((~vision).sum(1).max())
+    assert seen == {0: t_text, 1: t_text, 2: 12, 3: 12}
+
+
+@pytest.mark.parametrize("layer", [0, 2, N_LAYERS])
+@pytest.mark.parametrize("mode", ["splice", "mask"])
+def test_cached_decoding_equals_recompute(model, layer, mode):
+    embeds, vision, attn = _batch(5)
+    g = torch.Generator().manual_seed(9)
+    steps = [torch.randn(3, 1, 32, generator=g) for _ in range(10)]
+    with torch.no_grad():
+        out = grounded_forward(model, embeds, vision, layer, attention_mask=attn, use_cache=True, mode=mode)
+        cache = out.past_key_values
+        assert isinstance(cache, GroundedCache)
+        full_e, full_v, full_a = embeds, vision, attn
+        for step in steps:
+            out = grounded_forward(model, step, None, layer, past_key_values=cache, use_cache=True, mode=mode)
+            full_e = torch.cat([full_e, step], 1)
+            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
+            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
+            ref = grounded_forward(model, full_e, full_v, layer, attention_mask=full_a, mode=mode).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    lengths = cache.layer_lengths()
+    if mode == "splice":
+        t_text = int((~vision).sum(1).max())
+        assert lengths == [t_text + 10] * layer + [12 + 10] * (N_LAYERS - layer)
+    else:
+        assert lengths == [22] * N_LAYERS
+    assert cache.nbytes() > 0
+
+
+def test_cache_positions_follow_full_sequence():
+    m = _model("llama")
+    embeds, vision, attn = _batch(6)
+    with torch.no_grad():
+        out = grounded_forward(m, embeds, vision, 3, attention_mask=attn, use_cache=True)
+    assert out.past_key_values.next_position.tolist() == attn.sum(1).tolist()
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_gradients_reach_vision_rows(layer):
+    m = _model("llama")
+    embeds, vision, attn = _batch(7)
+    embeds.requires_grad_(True)
+    labels = torch.randint(0, 50, (3, 12))
+    labels[vision | ~attn.bool()] = -100
+    grounded_forward(m, embeds, vision, layer, attention_mask=attn, labels=labels).loss.backward()
+    grad = embeds.grad.norm(dim=-1)
+    assert (grad[vision] > 0).all()
+
+
+def test_loss_matches_manual_cross_entropy(model):
+    embeds, vision, attn = _batch(8)
+    labels = torch.randint(0, 50, (3, 12))
+    labels[vision | ~attn.bool()] = -100
+    out = grounded_forward(model, embeds, vision, 2, attention_mask=attn, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 50)
+    target = labels[:, 1:].reshape(-1)
+    manual = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual, atol=1e-6, rtol=0)
+
+
+def test_pack_rows_and_masks_are_pure_and_ordered():
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    index, valid = pack_rows(keep)
+    assert index[0].tolist() == [0, 2, 3] and valid[0].all()
+    assert index[1, -1].item() == 2 and valid[1].tolist() == [False, False, True]
+    m = causal_key_mask(torch.tensor([[1, 1, 0, 1]]), 2, torch.float32)
+    allowed = (m == 0)[0, 0]
+    assert allowed.tolist() == [[True, True, False, False], [True, True, False, True]]
+
+
+def test_bad_inputs(model):
+    embeds, vision, attn = _batch()
+    with pytest.raises(InputError, match=r"insert_layer must be an integer in \[0, 4\]"):
+        grounded_forward(model, embeds, vision, N_LAYERS + 1)
+    with pytest.raises(InputError, match="insert_layer"):
+        grounded_forward(model, embeds, vision, -1)
+    with pytest.raises(InputError, match="vision_mask"):
+        grounded_forward(model, embeds, vision[:, :5], 1)
+    with pytest.raises(InputError, match="inputs_embeds"):
+        grounded_forward(model, embeds[..., :8], vision, 1)
+    with pytest.raises(InputError, match="attention_mask"):
+        grounded_forward(model, embeds, vision, 1, attention_mask=attn[:, :3])
+    with pytest.raises(InputError, match="mode"):
+        grounded_forward(model, embeds, vision, 1, mode="dummy")
+    out = grounded_forward(model, embeds, vision, 1, attention_mask=attn, use_cache=True)
+    with pytest.raises(InputError, match="prefill"):
+        grounded_forward(model, embeds, vision, 1, past_key_values=out.past_key_values)
+    with pytest.raises(InputError, match="cache was built"):
+        grounded_forward(model, embeds[:, :1], None, 2, past_key_values=out.past_key_values)
+
+
+def test_unsupported_family():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
+    with pytest.raises(InputError, match="model_type 'gpt2'"):
+        grounded_forward(gpt2, torch.randn(1, 3, 32), None, 1)
