@@ -228,3 +228,16 @@ def model_identity(entry: ModelEntry) -> dict[str, Any]:
             if f.is_file():
                 ident[name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
     return ident
+
+
+def load_causal_lm(entry: ModelEntry, runtime: Runtime) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a causal LM *with* its head (for grounded runs, training and benchmarks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kw = resolve_source(entry)
+    family, _ = _family(entry, source, kw)
+    if family not in LM_FAMILIES:
+        raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
+    model = _from_pretrained(AutoModelForCausalLM, entry, source, kw, dtype=runtime.dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, entry, source, kw)
+    return model.to(runtime.device).eval(), tokenizer

@@ -65,3 +65,28 @@ def alignment_heatmap(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def efficiency_figure(result: dict[str, Any], path: Path) -> None:
+    """Fig. 1 / Table 4 style: measured prefill and training-step time vs L (relative to L=0) with the
+    FLOP-proportional prediction, and KV-cache size."""
+    plt = _pyplot()
+    rows = result["rows"]
+    ls = [r["insert_layer"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot(ls, [r["prefill_pred"] for r in rows], "k--", label="predicted (FLOPs)")
+    if "prefill_ratio" in rows[0]:
+        ax.plot(ls, [r["prefill_ratio"] for r in rows], "o-", label="prefill (measured)")
+        if rows[0].get("train_ratio") is not None:
+            ax.plot(ls, [r["train_ratio"] for r in rows], "s-", label="train step (measured)")
+    ax.set_xlabel("insert layer L")
+    ax.set_ylabel("time relative to L = 0")
+    ax.set_title(f"{result['model']}: T={result['config']['text_tokens']}, V={result['config']['vision_tokens']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.plot(ls, [r["kv_cache_bytes"] / 2**20 for r in rows], "o-")
+    ax2.set_xlabel("insert layer L")
+    ax2.set_ylabel("KV cache (MiB)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

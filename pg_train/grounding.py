@@ -133,10 +133,11 @@ def _check_sliding_window(config: Any, length: int) -> None:
 
 
 def _run_layers(layers: Any, hidden: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor, rotary: Any,
-                cache: GroundedCache | None) -> torch.Tensor:
+                cache: GroundedCache | None, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     if not len(layers):
         return hidden
-    cos_sin = rotary(hidden, position_ids=positions)
+    if cos_sin is None:
+        cos_sin = rotary(hidden, position_ids=positions)
     for layer in layers:
         out = layer(hidden, attention_mask=mask4d, position_ids=positions, past_key_values=cache,
                     use_cache=cache is not None, position_embeddings=cos_sin)
@@ -204,10 +205,11 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         positions = full_positions(attn, cache.next_position)
         _check_sliding_window(model.config, int(cache.next_position.max()) + t)
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
+        cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in both segments
         hidden = _run_layers(low, inputs_embeds, causal_key_mask(masks["low"], t, dtype), positions,
-                             base.rotary_emb, cache)
+                             base.rotary_emb, cache, cos_sin)
         hidden = _run_layers(high, hidden, causal_key_mask(masks["high"], t, dtype), positions, base.rotary_emb,
-                             cache)
+                             cache, cos_sin)
         cache.key_masks = masks
     else:
         cache = GroundedCache(insert_layer, mode) if use_cache else None

@@ -1,0 +1,56 @@
+"""pg-bench on a tiny model: structure, exact KV-cache bytes, FLOP model, bad input."""
+
+import json
+
+import pytest
+
+from pg_train.bench import BenchConfig, FlopModel, run_bench
+from pg_train.cli import bench
+
+
+def test_flop_model_matches_hand_count():
+    f = FlopModel(n_layers=4, hidden=8, layer_params=100, vocab=10)
+    t, v = 3, 5
+    layer = lambda n: 2 * n * 100 + 4 * n * n * 8  # noqa: E731
+    assert f.prefill(t, v, 0) == 4 * layer(8) + 2 * 8 * 8 * 10
+    assert f.prefill(t, v, 4) == 4 * layer(3) + 2 * 8 * 8 * 10
+    assert f.prefill(t, v, 1) < f.prefill(t, v, 0)
+
+
+def test_run_bench_tiny(tiny_models):
+    cfg = BenchConfig(model=str(tiny_models["llama"]), text_tokens=6, vision_tokens=10, layers=[0, 1, 3],
+                      repeats=1, decode_tokens=2, device="cpu", dtype="float32")
+    result = run_bench(cfg, progress=False)
+    rows = {r["insert_layer"]: r for r in result["rows"]}
+    assert set(rows) == {0, 1, 3}
+    # exact KV bytes: per layer K and V of [1, kv_heads=2, len, head_dim=8] fp32; layers < L hold T rows only
+    per_row = 2 * 2 * 8 * 4
+    for layer, r in rows.items():
+        assert r["kv_cache_bytes"] == per_row * (layer * 6 + (3 - layer) * 16)
+    assert rows[0]["prefill_pred"] == 1.0 and rows[3]["prefill_pred"] < rows[1]["prefill_pred"] < 1.0
+    assert all(r["prefill_s"] > 0 and r["train_step_s"] > 0 and r["decode_token_s"] > 0 for r in rows.values())
+    assert "prefill_saving_achieved" in rows[1]
+
+
+def test_pg_bench_cli_writes_and_rejects(tiny_models, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--model", str(tiny_models["llama"]), "--text-tokens", "4", "--vision-tokens", "4", "--repeats", "1",
+            "--decode-tokens", "1", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert bench(argv + ["--layers", "0,2"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["insert_layer"] for r in data["rows"]] == [0, 2]
+    assert (out / "efficiency.png").stat().st_size > 1000
+    bad = tmp_path / "bad"
+    assert bench(argv[:-1] + [str(bad), "--layers", "0,9"]) == 2
+    err = capsys.readouterr().err
+    assert "insert layer 9 outside [0, 3]" in err and "Traceback" not in err
+    assert not bad.exists()
+
+
+def test_bench_config_validates():
+    from pg_analysis.errors import InputError
+
+    with pytest.raises(InputError):
+        BenchConfig(shape="gpt-9")
+    with pytest.raises(InputError):
+        BenchConfig(repeats=0)
