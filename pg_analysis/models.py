@@ -199,18 +199,26 @@ def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
     return VisionAdapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
 
 
-def load_lm(entry: ModelEntry, runtime: Runtime) -> LMAdapter:
-    from transformers import AutoModel, AutoTokenizer
+def _load_lm(entry: ModelEntry, runtime: Runtime, with_head: bool) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source, kw = resolve_source(entry)
     family, _ = _family(entry, source, kw)
     if family not in LM_FAMILIES:
         raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
-    model = _from_pretrained(AutoModel, entry, source, kw, dtype=runtime.dtype)
+    cls = AutoModelForCausalLM if with_head else AutoModel
+    model = _from_pretrained(cls, entry, source, kw, dtype=runtime.dtype)
     tokenizer = _from_pretrained(AutoTokenizer, entry, source, kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return LMAdapter(entry, family, model.to(runtime.device).eval(), tokenizer, runtime)
+    return model.to(runtime.device).eval(), tokenizer
+
+
+def load_lm(entry: ModelEntry, runtime: Runtime) -> LMAdapter:
+    """The decoder without its head, for hidden states."""
+    model, tokenizer = _load_lm(entry, runtime, with_head=False)
+    family = entry.family or family_of_model_type(model.config.model_type, entry.alias)
+    return LMAdapter(entry, family, model, tokenizer, runtime)
 
 
 def model_identity(entry: ModelEntry) -> dict[str, Any]:
@@ -232,12 +240,4 @@ def model_identity(entry: ModelEntry) -> dict[str, Any]:
 
 def load_causal_lm(entry: ModelEntry, runtime: Runtime) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a causal LM *with* its head (for grounded runs, training and benchmarks)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, kw = resolve_source(entry)
-    family, _ = _family(entry, source, kw)
-    if family not in LM_FAMILIES:
-        raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
-    model = _from_pretrained(AutoModelForCausalLM, entry, source, kw, dtype=runtime.dtype)
-    tokenizer = _from_pretrained(AutoTokenizer, entry, source, kw)
-    return model.to(runtime.device).eval(), tokenizer
+    return _load_lm(entry, runtime, with_head=True)
