@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,7 +113,6 @@ class BenchRow:
     train_step_s: float | None
     kv_cache_bytes: int
     peak_mem_bytes: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(cfg: BenchConfig, runtime: Any) -> tuple[Any, str]:
@@ -204,10 +203,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             torch.cuda.empty_cache()
             base_mem = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            prefill(layer)
+        kv = prefill(layer).past_key_values.nbytes()  # one prefill gives the cache size and, on CUDA, the peak
+        if dev.type == "cuda":
             _sync(dev)
             peak = torch.cuda.max_memory_allocated(dev) - base_mem
-        kv = prefill(layer).past_key_values.nbytes()
         rows.append(BenchRow(layer, min(times["prefill"][layer]), flops.prefill(t, v, layer) / flops.prefill(t, v, 0),
                              min(times["decode"][layer]) if cfg.decode_tokens > 0 else None,
                              flops.decode_step(t, v, layer) / flops.decode_step(t, v, 0),
@@ -217,7 +216,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     table = []
     for r in rows:
         d = dataclasses.asdict(r)
-        d.pop("extra")
         if base is not None:
             d["prefill_ratio"] = r.prefill_s / base.prefill_s
             d["prefill_saving_achieved"] = _achieved(d["prefill_ratio"], r.prefill_pred)

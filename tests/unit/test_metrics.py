@@ -86,10 +86,17 @@ def test_cknna_with_all_neighbours_is_unbiased_cka():
     assert M.unbiased_cka(a, b) != pytest.approx(M.cka(a, b), abs=1e-4)  # the estimators differ
 
 
-def test_unbiased_cka_can_be_negative_and_grid_best_uses_argmax():
+def test_unbiased_cka_can_be_negative_and_best_cell_uses_argmax():
+    import numpy as np
+
+    from pg_analysis.align import AlignConfig, AlignResult
+
     torch.manual_seed(7)
     vals = [M.unbiased_cka(torch.randn(30, 5), torch.randn(30, 5)) for _ in range(20)]
     assert min(vals) < 0
+    grid = np.array([[-0.3, -0.2], [-0.05, -0.4]])  # all negative: a best score initialised to 0 would find none
+    best = AlignResult(AlignConfig(metric="unbiased_cka"), grid, None, "v", "l", 30, []).best
+    assert (best["vision_layer"], best["llm_layer"], best["score"]) == (1, 0, -0.05)
 
 
 def test_svcca_deterministic_and_bounded():
