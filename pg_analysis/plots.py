@@ -90,3 +90,54 @@ def efficiency_figure(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def loss_curve_figure(runs: dict[str, list[dict[str, Any]]], path: Path, smooth: int = 10) -> None:
+    """Training loss per stage (columns) for one or more runs (the paper's Fig. 7 compares baseline and grounded).
+
+    ``runs``: label → ``log.jsonl`` records (``stage``, ``step``, ``loss``). A running mean over ``smooth`` steps
+    is drawn over the raw curve.
+    """
+    plt = _pyplot()
+    stages = sorted({r["stage"] for recs in runs.values() for r in recs})
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.2 * max(1, len(stages)), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for i, (label, recs) in enumerate(runs.items()):
+            rs = sorted((r for r in recs if r["stage"] == stage), key=lambda r: r["step"])
+            if not rs:
+                continue
+            x = np.array([r["step"] for r in rs])
+            y = np.array([r["loss"] for r in rs], dtype=float)
+            colour = f"C{i}"
+            ax.plot(x, y, color=colour, alpha=0.25, lw=0.8)
+            k = min(smooth, len(y))
+            ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color=colour, lw=1.6, label=label)
+        name = {0: "stage 0 (InfoNCE warm-up)", 1: "stage 1 (projector)", 2: "stage 2 (projector + LM)"}
+        ax.set_title(name.get(stage, f"stage {stage}"), fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def letter_histogram(mcq: dict[str, dict[str, Any]], path: Path, title: str = "") -> None:
+    """Predicted option letters per condition (image / no image / shuffled), with the uniform line."""
+    plt = _pyplot()
+    conds = list(mcq)
+    letters = list(next(iter(mcq.values()))["letters"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    width = 0.8 / len(conds)
+    for i, cond in enumerate(conds):
+        counts = [mcq[cond]["letters"][x] for x in letters]
+        acc = mcq[cond]["accuracy"]
+        ax.bar(np.arange(len(letters)) + (i - (len(conds) - 1) / 2) * width, counts, width,
+               label=f"{cond.replace('_', ' ')} (acc {acc:.2f})")
+    n = mcq[conds[0]]["n"]
+    ax.axhline(n / len(letters), color="grey", ls="--", lw=1, label="uniform")
+    ax.set_xticks(range(len(letters)), letters)
+    ax.set_ylabel("predicted")
+    ax.set_title(title or "MCQ answer letters", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)

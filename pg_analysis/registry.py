@@ -26,6 +26,7 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "qwen2": "qwen2",
     "gemma3_text": "gemma3",
     "llava": "llava",
+    "pg_llava": "llava",
 }
 
 

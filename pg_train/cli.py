@@ -1,4 +1,4 @@
-"""pg-bench entry point (pg-train and pg-eval join here)."""
+"""Entry points: pg-train, pg-eval, pg-bench."""
 
 from __future__ import annotations
 
@@ -68,3 +68,205 @@ def bench(argv: Sequence[str] | None = None) -> int:
 
 
 bench_main = _entry(bench)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pg-train
+
+_TRAIN_HELP = {
+    "out_dir": "output folder (default: %(default)s)",
+    "vision": "frozen vision encoder: alias, folder or hub id (default: %(default)s)",
+    "llm": "language model: alias, folder or hub id (default: %(default)s)",
+    "init_from": "start from a pg-train model folder or an HF LLaVA checkpoint (e.g. llava) instead of --vision/--llm",
+    "layer": "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA) (default: %(default)s)",
+    "vision_feature_layer": "encoder hidden state used, as LLaVA (default: %(default)s)",
+    "vision_pool": "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens (default: %(default)s)",
+    "projector": "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)",
+    "data": "image-caption pairs the instruction data is built from (tuxpaint, a .jsonl/.csv), or llava to train on "
+            "--stage1-data/--stage2-data (default: %(default)s)",
+    "stage1_data": "LLaVA JSON for stage 1 (captioning)",
+    "stage2_data": "LLaVA JSON for stage 2 (instructions)",
+    "image_root": "folder the JSON's image paths are relative to (default: the JSON's folder)",
+    "template": "stage-2 conversation template: auto, chat, vicuna_v1, plain (default: %(default)s)",
+    "system_prompt": "system prompt for chat/vicuna templates; 'default' keeps the template's own (default: %(default)s)",
+    "max_length": "max tokens per example; longer ones are cut with a warning (default: %(default)s)",
+    "scale_match": "set the projector gain to the LM's hidden-state norm at L before training (default: %(default)s)",
+    "stage0_steps": "Platonic warm-up steps (InfoNCE, projector only); 0 skips stage 0 (default: %(default)s)",
+    "stage0_lr": "stage-0 learning rate (default: %(default)s)",
+    "tau": "InfoNCE temperature (default: %(default)s)",
+    "stage1_steps": "stage-1 steps (projector on captions) (default: %(default)s)",
+    "stage1_lr": "stage-1 learning rate (default: %(default)s)",
+    "stage2_steps": "stage-2 steps (projector + LM layers >= L) (default: %(default)s)",
+    "stage2_lr": "stage-2 learning rate of the LM (or LoRA) parameters (default: %(default)s)",
+    "stage2_projector_lr": "stage-2 learning rate of the projector (default: %(default)s)",
+    "text_first_steps": "first stage-2 steps that give the caption as text instead of the image (default: %(default)s)",
+    "text_first_frac": "fraction of later stage-2 steps that do so (default: %(default)s)",
+    "aux_weight": "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: %(default)s)",
+    "lora": "stage 2 trains LoRA adapters (peft) on layers >= L instead of the full layers (default: %(default)s)",
+    "lora_r": "LoRA rank (default: %(default)s)",
+    "lora_alpha": "LoRA alpha (default: %(default)s)",
+    "batch_size": "examples per optimizer step (per micro-batch) (default: %(default)s)",
+    "grad_accum": "micro-batches per optimizer step (default: %(default)s)",
+    "warmup_frac": "fraction of each stage's steps with linear warm-up before the cosine decay (default: %(default)s)",
+    "weight_decay": "AdamW weight decay (default: %(default)s)",
+    "max_grad_norm": "gradient clipping norm; 0 disables (default: %(default)s)",
+    "precision": "bf16 (autocast) or fp32 (default: %(default)s)",
+    "gradient_checkpointing": "recompute decoder layers in the backward pass to save memory (default: %(default)s)",
+    "checkpoint_every": "save a checkpoint every N steps (and at each stage end) (default: %(default)s)",
+    "seed": "seed of data order, augmentation and initialisation (default: %(default)s)",
+    "device": "cpu or cuda (default: cuda if available)",
+    "cache_dir": "encoder-feature cache folder (default: <asset cache>/features)",
+    "resume": "continue from the latest checkpoint in --out-dir (default: %(default)s)",
+    "stop_after": "stop after N optimizer steps in this process, leaving a checkpoint (to test resuming)",
+}
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _layer(value: str) -> int:
+    if value == "auto":
+        raise argparse.ArgumentTypeError("--layer auto needs pg-recommend, which is not built yet; give an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer layer, got {value!r}") from None
+
+
+def train_parser() -> argparse.ArgumentParser:
+    import dataclasses
+
+    from .trainer import TrainConfig
+
+    p = argparse.ArgumentParser(
+        prog="pg-train",
+        description="Train a grounded frozen-encoder VLM (vision rows enter the LM at layer L): stage 0 InfoNCE "
+                    "warm-up, stage 1 projector, stage 2 projector + LM. Default: DINOv2-S x SmolLM2-135M on the "
+                    "offline Tux Paint instruction data.")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "progress":
+            continue
+        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        kw: dict = {"default": f.default, "help": _TRAIN_HELP[f.name], "dest": f.name}
+        if f.name == "layer":
+            kw["type"] = _layer
+        elif f.type in ("bool",):
+            kw.update(type=_bool, nargs="?", const=True)
+        elif f.type in ("int",):
+            kw["type"] = int
+        elif f.type in ("float",):
+            kw["type"] = float
+        elif f.type == "int | None":
+            kw["type"] = int
+        p.add_argument(flag, **kw)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log progress details")
+    return p
+
+
+def _train_main(args: argparse.Namespace) -> int:
+    from .trainer import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("quiet", "verbose")}
+    if fields.get("system_prompt") == "default":
+        fields["system_prompt"] = None
+    if args.quiet:
+        from pg_analysis.cli import _quiet_hf
+
+        _quiet_hf()
+    cfg = TrainConfig(**fields, progress=not args.quiet)
+    summary = train(cfg)
+    if summary.get("stopped_early"):
+        print(f"stopped after --stop-after {cfg.stop_after} steps; continue with --resume")
+        return 0
+    th = summary.get("throughput", {})
+    for stage, t in th.items():
+        tok = f", {t['tokens_per_s']:.0f} tokens/s" if t.get("tokens_per_s") else ""
+        print(f"{stage}: {t['steps']} steps in {t['seconds']:.0f} s ({t['samples_per_s']:.1f} samples/s{tok})")
+    print(f"run {summary['run_seconds']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB")
+    print(f"wrote {cfg.out_dir}/: model/ config.json log.jsonl loss.png summary.json data/ checkpoints/")
+    return 0
+
+
+def train_cli(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_train_main, train_parser(), argv)
+
+
+train_main = _entry(train_cli)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pg-eval
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    from .evaluate import EvalConfig
+
+    d = EvalConfig(run="")
+    p = argparse.ArgumentParser(
+        prog="pg-eval",
+        description="Evaluate pg-train runs on held-out images: MCQ accuracy (letter logits, Wilson 95%% CI, letter "
+                    "histogram), caption ranking (4 options and all captions), caption generation, no-image and "
+                    "shuffled-image controls, and prefill efficiency.")
+    p.add_argument("runs", nargs="+", help="pg-train output folders (with model/, config.json, data/)")
+    p.add_argument("--data-dir", default=None, help="instruction data folder (default: <run>/data)")
+    p.add_argument("--split", default=d.split, choices=["train", "val", "test"], help="split (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
+    p.add_argument("--no-rank-all", action="store_true", help="skip ranking among all test captions (the slow part)")
+    p.add_argument("--no-generate", action="store_true", help="skip caption generation")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="generation length limit (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=["bf16", "fp32"],
+                   help="bf16 autocast or fp32 (default: %(default)s)")
+    p.add_argument("--bench-repeats", type=int, default=d.bench_repeats,
+                   help="timed repeats of the prefill comparison; 0 skips it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the shuffled-image control (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/eval for each run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log loading")
+    return p
+
+
+def _eval_main(args: argparse.Namespace) -> int:
+    from pg_analysis.plots import letter_histogram
+    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent, run_metadata
+
+    from .evaluate import EvalConfig, evaluate, format_results
+
+    if args.quiet:
+        from pg_analysis.cli import _quiet_hf
+
+        _quiet_hf()
+    if args.out and len(args.runs) > 1:
+        from pg_analysis.errors import InputError
+
+        raise InputError("--out takes one run; with several runs each writes <run>/eval")
+    results = {}
+    for run in args.runs:
+        cfg = EvalConfig(run=run, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
+                         rank_all=not args.no_rank_all, generate=not args.no_generate,
+                         max_new_tokens=args.max_new_tokens, precision=args.precision, seed=args.seed,
+                         bench_repeats=args.bench_repeats, progress=not args.quiet)
+        out = Path(args.out) if args.out else Path(run) / "eval"
+        check_writable_parent(out)
+        result = evaluate(cfg)
+        with atomic_output_dir(out) as tmp:
+            atomic_write_json(tmp / "eval.json", result)
+            atomic_write_json(tmp / "config.json", {"command": "pg-eval", "config": vars(cfg), **run_metadata()})
+            letter_histogram(result["mcq"], tmp / "letters.png", title=f"{run} (L={result['insert_layer']})")
+        results[run] = result
+        print(f"wrote {out}/: eval.json config.json letters.png")
+    print(format_results(results))
+    return 0
+
+
+def eval_cli(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_eval_main, eval_parser(), argv)
+
+
+eval_main = _entry(eval_cli)

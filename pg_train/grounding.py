@@ -23,6 +23,7 @@ continuation call passes only the *new* rows and their own ``attention_mask`` ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,6 +96,14 @@ class GroundedCache(DynamicCache):
         self.key_masks: dict[str, torch.Tensor] = {}
         self.next_position: torch.Tensor | None = None
 
+    def repeat_rows(self, repeats: int) -> "GroundedCache":
+        """Repeat every sample ``repeats`` times in place (score many continuations of one prefix)."""
+        self.batch_repeat_interleave(repeats)
+        self.key_masks = {seg: m.repeat_interleave(repeats, 0) for seg, m in self.key_masks.items()}
+        if self.next_position is not None:
+            self.next_position = self.next_position.repeat_interleave(repeats, 0)
+        return self
+
     def layer_lengths(self) -> list[int]:
         return [self.get_seq_length(i) for i in range(len(self.layers))]
 
@@ -112,16 +121,34 @@ class GroundedCache(DynamicCache):
 # the forward
 
 
-def _decoder_parts(model: Any) -> tuple[Any, Any]:
-    config = model.config
-    model_type = getattr(config, "model_type", None)
+@dataclass(frozen=True)
+class DecoderParts:
+    """What :func:`grounded_forward` drives: the text config, the decoder (``.layers``, ``.rotary_emb``, ``.norm``)
+    and the head. A ``*ForCausalLM`` provides them as ``.config``, ``.model``, ``.lm_head``; a VLM passes its
+    language model's parts explicitly."""
+
+    config: Any
+    model: Any
+    lm_head: Any
+
+
+def decoder_parts(model: Any) -> DecoderParts:
+    """The :class:`DecoderParts` of a supported causal LM (or ``model`` itself if it already is one)."""
+    parts = model if isinstance(model, DecoderParts) else DecoderParts(
+        getattr(model, "config", None), getattr(model, "model", None), getattr(model, "lm_head", None))
+    model_type = getattr(parts.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"grounded_forward supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, "
                          f"not model_type {model_type!r}")
-    base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+    if parts.model is None or not hasattr(parts.model, "layers") or parts.lm_head is None:
         raise InputError(f"{type(model).__name__}: expected a *ForCausalLM with .model.layers and .lm_head")
-    return base, model.lm_head
+    return parts
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: ``logits [B, T, V]`` at ``t`` predict ``labels [B, T]`` at ``t+1``; -100 ignored."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
 
 
 def _check_sliding_window(config: Any, length: int) -> None:
@@ -148,11 +175,13 @@ def _run_layers(layers: Any, hidden: torch.Tensor, mask4d: torch.Tensor, positio
 def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch.Tensor | None, insert_layer: int,
                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                      past_key_values: GroundedCache | None = None, use_cache: bool = False,
-                     mode: str = "splice") -> CausalLMOutputWithPast:
+                     mode: str = "splice", logits_to_keep: int = 0,
+                     return_logits: bool = True) -> CausalLMOutputWithPast:
     """Run ``model`` with the rows marked by ``vision_mask`` entering at layer ``insert_layer``.
 
     Args:
-        model: an HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``.
+        model: an HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``, or the
+            :class:`DecoderParts` of one (as a VLM passes its language model).
         inputs_embeds: ``[B, T, d]`` the full sequence, projected vision rows already in place.
         vision_mask: ``[B, T]`` bool, True at vision rows (any count per sample, zero included); None = no vision.
         insert_layer: ``L`` in ``[0, N]``. 0 is the ordinary model; N sends vision rows to the final norm only.
@@ -162,18 +191,23 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         past_key_values: a :class:`GroundedCache` from a previous call (new rows must be text rows).
         use_cache: return a :class:`GroundedCache` in ``past_key_values``.
         mode: ``"splice"`` (vision rows absent below L) or ``"mask"`` (present but masked; same text outputs).
+        logits_to_keep: ``k > 0`` computes logits for the last ``k`` rows only (``[B, k, V]``; no loss then).
+        return_logits: False with ``labels`` runs the head only on the rows that predict a label (the loss is the
+            same; ``logits`` is None) — in instruction tuning most rows are unsupervised, so this saves most of the
+            head's cost.
 
     Returns:
         ``CausalLMOutputWithPast`` with ``logits [B, T, V]`` and ``loss`` when ``labels`` is given.
     """
-    base, lm_head = _decoder_parts(model)
+    parts = decoder_parts(model)
+    base, lm_head, config = parts.model, parts.lm_head, parts.config
     n_layers = len(base.layers)
     if isinstance(insert_layer, bool) or not isinstance(insert_layer, int) or not 0 <= insert_layer <= n_layers:
         raise InputError(f"insert_layer must be an integer in [0, {n_layers}], got {insert_layer!r}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != model.config.hidden_size:
-        raise InputError(f"inputs_embeds must be [B, T, {model.config.hidden_size}], got {tuple(inputs_embeds.shape)}")
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise InputError(f"inputs_embeds must be [B, T, {config.hidden_size}], got {tuple(inputs_embeds.shape)}")
     b, t, _ = inputs_embeds.shape
     device = inputs_embeds.device
     if vision_mask is None:
@@ -203,7 +237,7 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         if vision_mask.any():
             raise InputError("vision rows can only be given in the first (prefill) call, not with a cache")
         positions = full_positions(attn, cache.next_position)
-        _check_sliding_window(model.config, int(cache.next_position.max()) + t)
+        _check_sliding_window(config, int(cache.next_position.max()) + t)
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
         cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in both segments
         hidden = _run_layers(low, inputs_embeds, causal_key_mask(masks["low"], t, dtype), positions,
@@ -214,7 +248,7 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     else:
         cache = GroundedCache(insert_layer, mode) if use_cache else None
         positions = full_positions(attn)
-        _check_sliding_window(model.config, t)
+        _check_sliding_window(config, t)
         hidden = inputs_embeds
         if insert_layer > 0 and mode == "splice":
             index, valid = pack_rows(~vision_mask)
@@ -240,8 +274,17 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         start = past_key_values.next_position if past_key_values is not None else 0
         cache.next_position = start + attn.long().sum(1)  # positions count attended rows only
 
+    if logits_to_keep:
+        if labels is not None:
+            raise InputError("logits_to_keep cannot be combined with labels")
+        hidden = hidden[:, -logits_to_keep:]
+    if labels is not None and not return_logits:
+        predicts = labels[:, 1:] != -100  # row t predicts label t+1
+        rows = base.norm(hidden[:, :-1][predicts])
+        loss = torch.nn.functional.cross_entropy(lm_head(rows).float(), labels[:, 1:][predicts])
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache if use_cache else None)
     logits = lm_head(base.norm(hidden))
     loss = None
     if labels is not None:
-        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+        loss = causal_lm_loss(logits, labels)
     return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)

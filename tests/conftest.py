@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = ["a", "an", "the", "red", "blue", "green", "cat", "dog", "car", "tree", "house", "big", "small", "of", "and",
-         "photo", "kangaroo", "wombat", "flower", "apple", "."]
+         "photo", "kangaroo", "wombat", "flower", "apple", ".", "A", "B", "C", "D", "What", "is", "this", "?"]
 
 
 def make_tokenizer(folder: Path):

@@ -59,3 +59,23 @@ def test_smollm2_generates(ready):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_real_grounded_vlm_generates_the_same_with_and_without_cache(ready):
+    import torch
+
+    from pg_analysis.data import load_tuxpaint, open_image
+    from pg_train.conversations import encode_conversation
+    from pg_train.vlm import build_vlm
+
+    vlm = build_vlm("dinov2-small-imgfocus", "smollm2-135m", insert_layer=4, vision_pool=4)
+    assert vlm.model.num_image_tokens == 16
+    row = load_tuxpaint()[0]
+    enc = encode_conversation([{"from": "human", "value": "<image>\nWhat is this?"}], vlm.tokenizer, "chat",
+                              vlm.image_token_id, 16, 1, generation=True)
+    ids = torch.tensor([enc.input_ids])
+    px = vlm.pixel_values([open_image(row["image"])])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px, max_new_tokens=6,
+              do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(vlm.model.generate(**kw, use_cache=True), vlm.model.generate(**kw, use_cache=False))

@@ -213,3 +213,16 @@ def test_unsupported_family():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
     with pytest.raises(InputError, match="model_type 'gpt2'"):
         grounded_forward(gpt2, torch.randn(1, 3, 32), None, 1)
+
+
+@pytest.mark.parametrize("insert_layer", [0, 2])
+def test_loss_without_logits_equals_full_loss(model, insert_layer):
+    embeds, vision, attn = _batch(4)
+    labels = torch.randint(0, 50, (3, 12))
+    labels[vision | ~attn.bool()] = -100
+    labels[:, :4] = -100
+    full = grounded_forward(model, embeds, vision, insert_layer, attention_mask=attn, labels=labels)
+    lean = grounded_forward(model, embeds, vision, insert_layer, attention_mask=attn, labels=labels,
+                            return_logits=False)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss, atol=1e-5, rtol=1e-5)

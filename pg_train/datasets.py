@@ -1,0 +1,260 @@
+"""Training data: LLaVA conversation JSON, the offline Tux Paint instruction builder, cached encoder features,
+tokenised examples and batches.
+
+LLaVA JSON: a list of records ``{"id", "image" (path relative to the image root; optional), "conversations": [...]}``.
+Records written by :func:`build_tuxpaint_instructions` carry extra fields the evaluation uses: ``task``
+(``caption`` / ``mcq`` / ``what``), ``caption`` (the English caption), and for MCQ ``options`` and ``answer``
+(the correct letter).
+
+The frozen encoder's output is computed once per image (and for its horizontal mirror, a free augmentation) and
+cached on disk (:func:`image_features`), keyed by everything that determines it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pg_analysis.errors import InputError
+from pg_analysis.runinfo import atomic_write_json
+
+from .conversations import IMAGE_TOKEN, encode_conversation
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCD"
+MCQ_QUESTION = "Which of these is shown?"
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+WHAT_QUESTION = "What is this?"
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA JSON
+
+
+def load_llava_json(path: str | Path, image_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """Read LLaVA-format records; resolve ``image`` against ``image_root`` (default: the JSON's folder) and check
+    each file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise InputError(f"{path}: expected a JSON list of records")
+    root = Path(image_root) if image_root is not None else path.parent
+    out = []
+    for i, r in enumerate(records):
+        where = f"{path.name} record {r.get('id', i) if isinstance(r, dict) else i}"
+        if not isinstance(r, dict) or "conversations" not in r:
+            raise InputError(f"{where}: needs 'conversations'")
+        r = dict(r)
+        r.setdefault("id", f"{i:06d}")
+        if r.get("image"):
+            img = Path(r["image"])
+            img = img if img.is_absolute() else root / img
+            if not img.is_file():
+                raise InputError(f"{where}: image file {img} not found")
+            r["image_path"] = str(img)
+        out.append(r)
+    return out
+
+
+def _human(text: str) -> dict[str, str]:
+    return {"from": "human", "value": text}
+
+
+def _gpt(text: str) -> dict[str, str]:
+    return {"from": "gpt", "value": text}
+
+
+def mcq_prompt(options: list[str]) -> str:
+    lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    return "\n".join([MCQ_QUESTION, *lines, MCQ_INSTRUCTION])
+
+
+def split_ids(ids: list[str], seed: int, val_frac: float, test_frac: float) -> dict[str, list[str]]:
+    """Deterministic split by image id: a seeded permutation of the sorted ids; test first, then val."""
+    ids = sorted(ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test, n_val = round(test_frac * len(ids)), round(val_frac * len(ids))
+    pick = [ids[i] for i in order]
+    return {"test": sorted(pick[:n_test]), "val": sorted(pick[n_test:n_test + n_val]),
+            "train": sorted(pick[n_test + n_val:])}
+
+
+def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: float = 0.05, test_frac: float = 0.23,
+                                pairs: Any = None) -> dict[str, Any]:
+    """Write the offline instruction data (LLaVA JSON) from image–caption pairs (default: the Tux Paint stamps;
+    any ``pg_analysis.data`` pairs dataset) into ``out_dir``.
+
+    Per split: ``{split}_caption.json`` (stage 1: ``<image>`` → caption), ``{split}_mcq.json`` (4 questions per
+    image, the correct option rotated over A–D, three distractor captions drawn from the same split) and
+    ``{split}_what.json`` ("What is this?" → caption). Images are split, never questions; captions that repeat
+    (case-insensitive) are never options of the same question. Deterministic in ``seed``.
+    Image paths are relative to ``manifest["image_root"]``. Returns the manifest, also written to ``manifest.json``.
+    """
+    from pg_analysis.data import load_tuxpaint
+
+    ds = pairs if pairs is not None else load_tuxpaint()
+    rows = {r["id"]: r for r in ds}
+    image_root = Path(os.path.commonpath([str(Path(r["image"]).parent) for r in rows.values()]))
+    splits = split_ids(list(rows), seed, val_frac, test_frac)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"image_root": str(image_root), "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "files": {},
+                                "counts": {}}
+    for s_i, (split, ids) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, s_i])
+        caption_of = {i: rows[i]["caption"].strip() for i in ids}
+        records: dict[str, list[dict[str, Any]]] = {"caption": [], "mcq": [], "what": []}
+        for img_id in ids:
+            cap = caption_of[img_id]
+            image = str(Path(rows[img_id]["image"]).relative_to(image_root))
+            base = {"image": image, "caption": cap, "image_id": img_id}
+            records["caption"].append({**base, "id": f"{img_id}#caption", "task": "caption",
+                                       "conversations": [_human(IMAGE_TOKEN), _gpt(cap)]})
+            records["what"].append({**base, "id": f"{img_id}#what", "task": "what",
+                                    "conversations": [_human(f"{IMAGE_TOKEN}\n{WHAT_QUESTION}"), _gpt(cap)]})
+            pool = sorted({c for j, c in caption_of.items() if c.lower() != cap.lower()})
+            if len(pool) < 3:
+                continue
+            for k, letter in enumerate(LETTERS):
+                distractors = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
+                options = distractors[:k] + [cap] + distractors[k:]
+                records["mcq"].append({**base, "id": f"{img_id}#mcq{letter}", "task": "mcq", "options": options,
+                                       "answer": letter, "conversations": [
+                                           _human(f"{IMAGE_TOKEN}\n{mcq_prompt(options)}"), _gpt(letter)]})
+        for task, recs in records.items():
+            name = f"{split}_{task}.json"
+            atomic_write_json(out_dir / name, recs)
+            manifest["files"][f"{split}_{task}"] = name
+            manifest["counts"][f"{split}_{task}"] = len(recs)
+        manifest["counts"][f"{split}_images"] = len(ids)
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def text_first(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record with its image replaced by its caption as text ("teach the answer format with text first");
+    None when the record has no caption."""
+    if not record.get("caption") or not record.get("image"):
+        return None
+    conv = [dict(t) for t in record["conversations"]]
+    for t in conv:
+        t["value"] = t["value"].replace(IMAGE_TOKEN, f"Picture: {record['caption']}.")
+    return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cached encoder features
+
+
+def _file_digest(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_size: int = 32,
+                   progress: bool = True) -> torch.Tensor:
+    """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped).
+
+    Cached under ``cache_dir`` keyed by the vision tower's config and weights checksum, the feature layer,
+    selection and pooling, the image processor, and the image files (path, size, mtime).
+    """
+    from PIL import ImageOps
+
+    from pg_analysis.data import open_image
+    from pg_analysis.features import FEATURES_VERSION, FeatureCache
+
+    model = vlm.model
+    tower = model.model.vision_tower
+    first = next(iter(tower.state_dict().values()))
+    fields = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(),
+              "weights": float(first.float().sum()), "layer": model.config.vision_feature_layer,
+              "select": model.config.vision_feature_select_strategy, "pool": model.config.vision_pool,
+              "processor": vlm.image_processor.to_dict(), "images": _file_digest(paths), "n": len(paths)}
+
+    def compute() -> torch.Tensor:
+        chunks = []
+        for start in tqdm(range(0, len(paths), batch_size), desc="encoder features", disable=not progress):
+            pil = [open_image(p) for p in paths[start:start + batch_size]]
+            both = pil + [ImageOps.mirror(im) for im in pil]
+            feats = model.encode_images(vlm.pixel_values(both)).float().cpu()
+            chunks.append(torch.stack([feats[:len(pil)], feats[len(pil):]], 1))
+        return torch.cat(chunks)
+
+    if cache_dir is None:
+        return compute()
+    feats, hit = FeatureCache(Path(cache_dir)).get_or_compute("encoder", fields, compute)
+    log.info("encoder features %s (%s)", tuple(feats.shape), "cache" if hit else "computed")
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenised examples and batches
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    image: int  # index into the feature table; -1 = no image
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: str, image_token_id: int,
+                     n_image_tokens: int, image_index: dict[str, int], max_length: int | None = None,
+                     generation: bool = False, system: str | None = None) -> list[Example]:
+    """Encode records; ``generation=True`` drops the final assistant turn and encodes the prompt."""
+    out = []
+    for r in records:
+        conv = r["conversations"][:-1] if generation else r["conversations"]
+        path = r.get("image_path") or r.get("image")
+        n_images = 1 if path else 0
+        enc = encode_conversation(conv, tokenizer, template, image_token_id, n_image_tokens, n_images, max_length,
+                                  generation=generation, where=f"record {r.get('id')}", system=system)
+        if path and path not in image_index:
+            raise InputError(f"record {r.get('id')}: image {path} has no features")
+        out.append(Example(enc.input_ids, enc.labels, image_index[path] if path else -1, r))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, features: torch.Tensor | None, flips: list[bool] | None = None,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch: ``input_ids``/``attention_mask``/``labels [B, T]`` and ``vision_features [n_images, P, D_v]``
+    (images in row order; ``flips[i]`` picks the mirrored copy for example ``i``)."""
+    t = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), t), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        sl = slice(0, n) if padding_side == "right" else slice(t - n, t)
+        ids[i, sl] = torch.tensor(e.input_ids)
+        labels[i, sl] = torch.tensor(e.labels)
+        mask[i, sl] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with_image = [(i, e.image) for i, e in enumerate(examples) if e.image >= 0]
+    if with_image:
+        if features is None:
+            raise InputError("a batch with images needs the feature table")
+        rows = torch.tensor([img for _, img in with_image])
+        which = torch.tensor([int(flips[i]) if flips else 0 for i, _ in with_image])
+        batch["vision_features"] = features[rows, which]
+    return batch

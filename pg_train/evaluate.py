@@ -1,0 +1,367 @@
+"""``pg-eval``: multiple-choice accuracy, caption ranking, caption generation, controls and efficiency.
+
+- **MCQ** (the paper's protocol): one forward pass per question; the logits of the option letters at the answer
+  position are compared. Reported with a Wilson 95 % interval and the histogram of predicted letters (a model stuck
+  on one letter shows at once).
+- **Caption ranking**: for each test image, the mean token log-likelihood of candidate captions as the answer to
+  "What is this?": among its 4 MCQ options, and among all test captions (the prompt is run once, its KV cache is
+  repeated over the candidates).
+- **Caption generation**: greedy ``generate()``; exact match and ROUGE-L F1 against the reference caption.
+- **Controls**, beside every accuracy: the same model with no image (the image placeholder removed) and with
+  shuffled images (each question gets another test image's features, a derangement). An accuracy that survives
+  shuffling is not grounding.
+- **Efficiency**: MCQ prefill latency at the model's L and at L=0 with the same weights, beside the
+  FLOP-proportional prediction (:class:`~pg_train.bench.FlopModel`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pg_analysis.errors import InputError
+
+from .conversations import IMAGE_TOKEN, letter_token_ids
+from .datasets import LETTERS, Example, collate, image_features, load_llava_json, tokenize_records
+from .grounding import GroundedCache
+from .vlm import VLM
+
+CONTROLS = ("image", "no_image", "shuffled")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure metrics
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (95 % for ``z = 1.96``)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (centre - half, centre + half)
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() else " " for c in text).split()
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased alphanumeric words (longest common subsequence)."""
+    a, b = _words(prediction), _words(reference)
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return _words(prediction) == _words(reference)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (n ≥ 2): a random cyclic shift of a random order."""
+    if n < 2:
+        raise InputError("the shuffled-image control needs at least 2 images")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    shift = int(rng.integers(1, n))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = order[(np.arange(n) + shift) % n]
+    return out
+
+
+def accuracy_record(correct: list[bool], predicted: list[str] | None = None) -> dict[str, Any]:
+    k, n = int(sum(correct)), len(correct)
+    rec: dict[str, Any] = {"accuracy": k / n if n else float("nan"), "ci95": wilson_interval(k, n), "n": n}
+    if predicted is not None:
+        rec["letters"] = {letter: predicted.count(letter) for letter in LETTERS}
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class EvalConfig:
+    """Options of one evaluation. Validates itself; no I/O."""
+
+    run: str  # a pg-train output folder (model/ + config.json + data/) or a model folder with --data-dir
+    data_dir: str | None = None  # instruction JSON folder (default: <run>/data)
+    split: str = "test"
+    batch_size: int = 16
+    rank_all: bool = True
+    generate: bool = True
+    max_new_tokens: int = 12
+    precision: str = "bf16"
+    seed: int = 0
+    bench_repeats: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test"):
+            raise InputError(f"split must be train, val or test, got {self.split!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.bench_repeats < 0:
+            raise InputError("batch_size and max_new_tokens must be >= 1, bench_repeats >= 0")
+        if self.precision not in ("bf16", "fp32"):
+            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def _strip_image(record: dict[str, Any]) -> dict[str, Any]:
+    conv = [dict(t) for t in record["conversations"]]
+    for t in conv:
+        t["value"] = t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+    return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the evaluator
+
+
+class Evaluator:
+    """Holds a loaded VLM, its prompt format, and the test images' cached features."""
+
+    def __init__(self, vlm: VLM, template: str, system: str | None, records: dict[str, list[dict[str, Any]]],
+                 cfg: EvalConfig, cache_dir: Path | None):
+        self.vlm, self.template, self.system, self.cfg = vlm, template, system, cfg
+        self.model = vlm.model
+        self.device = self.model.device
+        self.records = records
+        paths = sorted({r["image_path"] for rs in records.values() for r in rs if r.get("image_path")})
+        self.image_index = {p: i for i, p in enumerate(paths)}
+        self.features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
+        self.perm = derangement(len(paths), cfg.seed)
+        self.letter_ids = letter_token_ids(vlm.tokenizer, template)
+
+    def _prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
+        recs = [_strip_image(r) for r in records] if control == "no_image" else records
+        exs = tokenize_records(recs, self.vlm.tokenizer, self.template, self.model.config.image_token_index,
+                               self.model.num_image_tokens, self.image_index, generation=True, system=self.system)
+        if control == "shuffled":
+            exs = [Example(e.input_ids, e.labels, int(self.perm[e.image]) if e.image >= 0 else -1, e.record)
+                   for e in exs]
+        return exs
+
+    def _batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
+        batch = collate(exs, self.vlm.tokenizer.pad_token_id, self.features, padding_side="left")
+        batch.pop("labels")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def last_logits(self, exs: list[Example]) -> torch.Tensor:
+        """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each)."""
+        out = []
+        for start in range(0, len(exs), self.cfg.batch_size):
+            with _autocast(self.cfg.precision, self.device):
+                logits = self.model(**self._batch(exs[start:start + self.cfg.batch_size]), logits_to_keep=1).logits
+            out.append(logits[:, -1].float().cpu())
+        return torch.cat(out)
+
+    def mcq(self, control: str) -> dict[str, Any]:
+        records = self.records["mcq"]
+        logits = self.last_logits(self._prompts(records, control))[:, self.letter_ids]
+        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
+        return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+
+    @torch.no_grad()
+    def _candidate_scores(self, prompt: Example, candidates: list[list[int]]) -> torch.Tensor:
+        """Mean token log-probability of each candidate continuation of one prompt (prefill once, cache repeated)."""
+        batch = self._batch([prompt])
+        with _autocast(self.cfg.precision, self.device):
+            out = self.model(**batch, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        cache: GroundedCache = out.past_key_values
+        k = len(candidates)
+        cache.repeat_rows(k)
+        t = max(len(c) for c in candidates)
+        ids = torch.full((k, t), self.vlm.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((k, t), dtype=torch.long)
+        for i, c in enumerate(candidates):
+            ids[i, :len(c)] = torch.tensor(c)
+            mask[i, :len(c)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with _autocast(self.cfg.precision, self.device):
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), -1)  # row j predicts token j+1
+        scores = first[ids[:, 0]].clone()
+        if t > 1:
+            nxt = logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+            scores = scores + (nxt * mask[:, 1:]).sum(1)
+        return (scores / mask.sum(1)).cpu()
+
+    def ranking(self, control: str, pool: str) -> dict[str, Any]:
+        """``pool``: ``options`` (its 4 MCQ options) or ``all`` (every test caption)."""
+        what = self.records["what"]
+        prompts = self._prompts(what, control)
+        options = {}
+        for r in self.records["mcq"]:
+            options.setdefault(r["image_id"], r["options"])
+        all_captions = sorted({r["caption"] for r in what})
+        tok = self.vlm.tokenizer
+        encode = lambda c: tok(c, add_special_tokens=False)["input_ids"]  # noqa: E731
+        encoded = {c: encode(c) for c in set(all_captions) | {o for os in options.values() for o in os}}
+        correct = []
+        for ex, r in tqdm(list(zip(prompts, what)), desc=f"ranking {pool} ({control})", disable=not self.cfg.progress):
+            cands = options.get(r["image_id"]) if pool == "options" else all_captions
+            if not cands:
+                continue
+            scores = self._candidate_scores(ex, [encoded[c] for c in cands])
+            correct.append(cands[int(scores.argmax())] == r["caption"])
+        rec = accuracy_record(correct)
+        rec["candidates"] = 4 if pool == "options" else len(all_captions)
+        return rec
+
+    @torch.no_grad()
+    def generation(self) -> dict[str, Any]:
+        what = self.records["what"]
+        exs = self._prompts(what, "image")
+        tok = self.vlm.tokenizer
+        preds = []
+        for start in tqdm(range(0, len(exs), self.cfg.batch_size), desc="generate", disable=not self.cfg.progress):
+            batch = self._batch(exs[start:start + self.cfg.batch_size])
+            with _autocast(self.cfg.precision, self.device):
+                out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          suppress_tokens=[self.model.config.image_token_index])
+            preds += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        preds = [p.strip() for p in preds]
+        refs = [r["caption"] for r in what]
+        return {"exact_match": float(np.mean([exact_match(p, r) for p, r in zip(preds, refs)])),
+                "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)])), "n": len(preds),
+                "examples": [{"image_id": r["image_id"], "reference": r["caption"], "generated": p}
+                             for p, r in list(zip(preds, what))[:10]]}
+
+    @torch.no_grad()
+    def efficiency(self) -> dict[str, Any]:
+        """MCQ prefill latency (one batch) at the model's L and at L=0, with the FLOP prediction."""
+        from .bench import FlopModel
+
+        exs = self._prompts(self.records["mcq"][:self.cfg.batch_size], "image")
+        batch = self._batch(exs)
+        layer = self.model.insert_layer
+        v = self.model.num_image_tokens
+        t = float(batch["attention_mask"].sum(1).float().mean()) - v
+        flops = FlopModel.of(self.model.decoder_parts())
+        timings = {}
+        try:
+            for lay in sorted({0, layer}):
+                self.model.set_insert_layer(lay)
+                best = float("inf")
+                for _ in range(max(1, self.cfg.bench_repeats)):
+                    t0 = time.perf_counter()
+                    with _autocast(self.cfg.precision, self.device):
+                        self.model(**batch, logits_to_keep=1)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    best = min(best, time.perf_counter() - t0)
+                timings[lay] = best
+        finally:
+            self.model.set_insert_layer(layer)
+        predicted = flops.prefill(t, v, layer) / flops.prefill(t, v, 0)
+        measured = timings[layer] / timings[0]
+        return {"insert_layer": layer, "batch": len(exs), "text_tokens": t, "vision_tokens": v,
+                "prefill_s": timings[layer], "prefill_s_L0": timings[0], "measured_ratio": measured,
+                "predicted_ratio": predicted}
+
+
+def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], Path]:
+    model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{run}: no model (expected a pg-train folder with model/ or a model folder)")
+    cfg_path = run / "config.json"
+    run_cfg = {}
+    if cfg_path.is_file() and model_dir != run:
+        run_cfg = json.loads(cfg_path.read_text())
+    data = Path(data_dir) if data_dir else run / "data"
+    if not (data / "manifest.json").is_file():
+        raise InputError(f"no instruction data at {data} (manifest.json); pass --data-dir")
+    return model_dir, run_cfg, data
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate one trained model (see module docstring); returns the result dict."""
+    from pg_analysis.assets import cache_root
+    from pg_analysis.models import pick_runtime
+
+    from .vlm import load_vlm
+
+    run = Path(cfg.run)
+    model_dir, run_cfg, data = _run_files(run, cfg.data_dir)
+    vlm = load_vlm(model_dir, runtime=pick_runtime(None, "float32"))
+    train_cfg = run_cfg.get("config", {})
+    template = run_cfg.get("template") or ("chat" if getattr(vlm.tokenizer, "chat_template", None) else "vicuna_v1")
+    system = train_cfg.get("system_prompt") if train_cfg else None
+    manifest = json.loads((data / "manifest.json").read_text())
+    root = manifest.get("image_root")
+    records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
+               for task in ("mcq", "what")}
+    cache_dir = Path(train_cfg["cache_dir"]) if train_cfg.get("cache_dir") else cache_root() / "features"
+    ev = Evaluator(vlm, template, system, records, cfg, cache_dir)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"model": str(model_dir), "insert_layer": vlm.model.insert_layer, "split": cfg.split,
+                              "template": template, "n_images": len(records["what"]), "mcq": {}, "rank4": {}}
+    for control in CONTROLS:
+        result["mcq"][control] = ev.mcq(control)
+        result["rank4"][control] = ev.ranking(control, "options")
+    if cfg.rank_all:
+        result["rank_all"] = {"image": ev.ranking("image", "all")}
+    if cfg.generate:
+        result["generation"] = ev.generation()
+    if cfg.bench_repeats:
+        result["efficiency"] = ev.efficiency()
+    result["eval_seconds"] = time.perf_counter() - t0
+    summary = run / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        result["training"] = {"throughput": s.get("throughput"), "run_seconds": s.get("run_seconds"),
+                              "peak_rss_mib": s.get("peak_rss_mib")}
+    return result
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """One row per model: MCQ (with controls), 4-way and all-caption ranking, generation, efficiency, training."""
+    head = ("model", "L", "MCQ [95% CI]", "no-img", "shuffled", "letters A/B/C/D", "rank4", "r4 no-img",
+            "r4 shuf", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
+    rows = [head]
+    for name, r in results.items():
+        m = r["mcq"]
+        lo, hi = m["image"]["ci95"]
+        letters = "/".join(str(m["image"]["letters"][x]) for x in LETTERS)
+        eff = r.get("efficiency")
+        tr = r.get("training") or {}
+        rows.append((name, str(r["insert_layer"]), f"{m['image']['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]",
+                     f"{m['no_image']['accuracy']:.3f}", f"{m['shuffled']['accuracy']:.3f}", letters,
+                     f"{r['rank4']['image']['accuracy']:.3f}", f"{r['rank4']['no_image']['accuracy']:.3f}",
+                     f"{r['rank4']['shuffled']['accuracy']:.3f}",
+                     f"{r['rank_all']['image']['accuracy']:.3f}" if "rank_all" in r else "-",
+                     f"{r['generation']['rouge_l']:.3f}" if "generation" in r else "-",
+                     f"{eff['measured_ratio']:.2f} ({eff['predicted_ratio']:.2f})" if eff else "-",
+                     f"{tr['run_seconds']:.0f}" if tr.get("run_seconds") else "-",
+                     f"{tr['peak_rss_mib']:.0f}" if tr.get("peak_rss_mib") else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

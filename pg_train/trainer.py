@@ -1,0 +1,672 @@
+"""``pg-train``: grounded frozen-encoder VLM training — stage 0 (Platonic warm-up), stage 1, stage 2.
+
+A thin loop over ``accelerate``; the recipe follows ``TRAINING-NOTES.md`` (what worked on this CPU):
+
+- **scale matching** — before training, the projector's ``gain`` is set so the median norm of its output tokens
+  equals the median norm of the LM's hidden states at the insertion point (input embeddings for L=0, the input of
+  layer L otherwise), measured on the training captions;
+- **stage 0** (optional, the paper has none) — the projector alone, with a symmetric InfoNCE loss (τ = 0.07, the
+  whole training set as one batch) between the mean of its output tokens and the mean of the LM's hidden states of
+  the paired caption at the insertion point: exactly the space the vision rows enter;
+- **stage 1** — the projector on captioning (``plain`` template);
+- **stage 2** — projector (its own lr) + LM decoder layers ≥ L and the final norm (full finetune) or LoRA on those
+  layers; embeddings, head and vision tower stay frozen. The first ``text_first_steps`` steps and a fraction of the
+  later ones give the caption as text instead of the image, so the answer format is learnt first;
+- an auxiliary InfoNCE term (``aux_weight``) can keep the warm-up objective during stages 1–2.
+
+Everything that varies per step is a function of ``(seed, stage, step)`` — batch order, mirror augmentation,
+text-first choice — so a checkpoint (HF weights + optimizer + scheduler + RNG + position) resumes onto the same
+loss curve (tested). The frozen encoder's features are computed once and cached on disk.
+
+Outputs (``out_dir``): ``config.json``, ``data/`` (the instruction JSON), ``log.jsonl`` (one line per step: stage,
+step, loss, lr, samples/s, tokens/s), ``checkpoints/`` (the latest kept), ``model/`` (final HF folder, written
+atomically), ``loss.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pg_analysis.errors import InputError
+from pg_analysis.runinfo import atomic_write_json, run_metadata
+
+from .conversations import TEMPLATES
+from .datasets import (Example, build_tuxpaint_instructions, collate, image_features, load_llava_json,
+                       text_first, tokenize_records)
+from .vlm import VLM, build_vlm, load_vlm
+
+log = logging.getLogger(__name__)
+
+STAGES = (0, 1, 2)
+#: fields that may differ between a run and the checkpoint it resumes from
+RESUME_FREE = ("out_dir", "resume", "checkpoint_every", "stop_after", "progress", "cache_dir")
+
+
+@dataclass
+class TrainConfig:
+    """All options of one ``pg-train`` run. Validates itself in ``__post_init__``; no I/O."""
+
+    out_dir: str = "runs/train"
+    vision: str = "dinov2-small-imgfocus"
+    llm: str = "smollm2-135m"
+    init_from: str | None = None  # a pg-train model folder or an HF LLaVA checkpoint instead of vision + llm
+    layer: int = 0
+    vision_feature_layer: int = -2
+    vision_pool: int = 4
+    projector: str = "mlp"
+    data: str = "tuxpaint"  # image–caption pairs for the instruction builder (tuxpaint, .jsonl/.csv) or "llava"
+    stage1_data: str | None = None
+    stage2_data: str | None = None
+    image_root: str | None = None
+    template: str = "auto"  # stage 2: auto = the LM's chat template if it has one, else vicuna_v1
+    system_prompt: str | None = "Answer about the image."  # None: the template's default (SmolLM2's is 20 tokens)
+    max_length: int = 256
+    scale_match: bool = True
+    stage0_steps: int = 300
+    stage0_lr: float = 1e-3
+    tau: float = 0.07
+    stage1_steps: int = 100
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 250
+    stage2_lr: float = 1e-4  # LM (or LoRA) parameters
+    stage2_projector_lr: float = 1e-3
+    text_first_steps: int = 20
+    text_first_frac: float = 0.2
+    aux_weight: float = 0.1
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_frac: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # bf16 autocast (CPU and CUDA ≥ 8.0) or fp32
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str | None = None
+    cache_dir: str | None = None  # encoder-feature cache (default: <asset cache>/features)
+    resume: bool = False
+    stop_after: int | None = None  # stop after this many optimizer steps in this process (simulates a kill)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("stage0_steps", "stage1_steps", "stage2_steps", "text_first_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "vision_pool", "lora_r"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise InputError(f"layer must be an integer >= 0, got {self.layer!r}")
+        if self.template not in ("auto", *TEMPLATES):
+            raise InputError(f"template must be auto or one of {TEMPLATES}, got {self.template!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if not 0 <= self.text_first_frac <= 1 or not 0 <= self.warmup_frac < 1:
+            raise InputError("text_first_frac must be in [0, 1] and warmup_frac in [0, 1)")
+        if self.tau <= 0 or self.aux_weight < 0:
+            raise InputError("tau must be > 0 and aux_weight >= 0")
+        if self.data == "llava" and not (self.stage1_data or self.stage2_data):
+            raise InputError("--data llava needs --stage1-data and/or --stage2-data (LLaVA JSON)")
+        if self.projector not in ("mlp", "linear"):
+            raise InputError(f"projector must be mlp or linear, got {self.projector!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure pieces: schedule, batch order, losses, parameter policy
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int, stage: int) -> list[int]:
+    """Sample indices of optimizer step ``step``: epochs of seeded permutations, consumed in order."""
+    out, pos = [], step * batch
+    for p in range(pos, pos + batch):
+        epoch, i = divmod(p, n)
+        out.append(int(np.random.default_rng([seed, stage, epoch]).permutation(n)[i]))
+    return out
+
+
+def grouped_batch_indices(lengths: list[int], batch: int, step: int, seed: int, stage: int,
+                          group: int = 8) -> list[int]:
+    """Like :func:`batch_indices`, but the samples of ``group`` consecutive steps are sorted by length and dealt
+    out in that order, so a batch pads less (HF's ``group_by_length``). Still a pure function of ``step``."""
+    first = step - step % group
+    pool = batch_indices(len(lengths), batch * group, first // group, seed, stage)
+    pool = sorted(pool, key=lambda i: (lengths[i], i))
+    j = step % group
+    order = np.random.default_rng([seed, stage, first, 3]).permutation(group)  # shuffle batch order in a group
+    k = int(order[j])
+    return pool[k * batch:(k + 1) * batch]
+
+
+def step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stage, step, 7])
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows of ``a [N, d]`` and ``b [N, d]`` (cosine similarity / ``tau``)."""
+    a = torch.nn.functional.normalize(a.float(), dim=-1)
+    b = torch.nn.functional.normalize(b.float(), dim=-1)
+    logits = a @ b.T / tau
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                  + torch.nn.functional.cross_entropy(logits.T, target))
+
+
+def set_trainable(model: Any, stage: int, insert_layer: int, lora: bool = False) -> dict[str, list[torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze what ``stage`` trains. Returns the parameter groups
+    ``{"projector": [...], "lm": [...]}``.
+
+    Stage 0/1: the projector. Stage 2: + LM decoder layers ``≥ insert_layer`` and the final norm (full) — or only
+    the LoRA adapters (``lora=True``, already added by :func:`add_lora`). Layers below L never see a vision row, so
+    they stay frozen; embeddings, LM head and vision tower always stay frozen.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups: dict[str, list[torch.nn.Parameter]] = {"projector": list(model.model.multi_modal_projector.parameters()),
+                                                   "lm": []}
+    if stage == 2:
+        lm = model.model.language_model
+        if lora:
+            groups["lm"] = [p for n, p in lm.named_parameters() if "lora_" in n]
+        else:
+            for layer in lm.layers[insert_layer:]:
+                groups["lm"] += list(layer.parameters())
+            groups["lm"] += list(lm.norm.parameters())
+    for ps in groups.values():
+        for p in ps:
+            p.requires_grad_(True)
+    return groups
+
+
+def add_lora(model: Any, insert_layer: int, r: int, alpha: int) -> None:
+    """Add LoRA adapters (peft) to the attention and MLP projections of LM layers ``≥ insert_layer``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lm = model.model.language_model
+    n = len(lm.layers)
+    if insert_layer >= n:
+        raise InputError(f"LoRA needs at least one layer at or above L={insert_layer} (the LM has {n})")
+    targets = [name for name, _ in lm.named_modules()
+               if name.startswith("layers.") and int(name.split(".")[1]) >= insert_layer
+               and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj")]
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), lm)
+
+
+def merge_lora(model: Any) -> None:
+    """Fold LoRA weights into the base linears so the saved model is a plain HF model."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data preparation
+
+
+@dataclass
+class Prepared:
+    """Everything a run trains on, built once."""
+
+    vlm: VLM
+    features: torch.Tensor  # [n_images, 2, P, D_v]
+    image_index: dict[str, int]
+    stage1: list[Example]
+    stage2: list[Example]
+    stage2_text: list[Example | None]  # text-first variant of each stage-2 example
+    caption_targets: torch.Tensor  # [n_images, d] LM hidden state of the caption at the insertion point
+    target_median_norm: float
+    data_manifest: dict[str, Any]
+
+
+def _stage_template(cfg: TrainConfig, tokenizer: Any) -> str:
+    if cfg.template != "auto":
+        return cfg.template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+
+
+@torch.no_grad()
+def caption_targets(vlm: VLM, captions: list[str], layer: int, batch_size: int = 64) -> tuple[torch.Tensor, float]:
+    """Mean over caption tokens of the LM's hidden state at the input of layer ``layer`` (``[N, d]``), and the
+    median norm of those token states (the scale the vision rows should have there)."""
+    lm = vlm.model.model.language_model
+    tok = vlm.tokenizer
+    means, norms = [], []
+    for start in range(0, len(captions), batch_size):
+        enc = tok(captions[start:start + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
+        ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
+        if layer == 0:
+            h = lm.embed_tokens(ids)
+        else:
+            h = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+        m = mask[..., None].to(h.dtype)
+        means.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+        norms.append(h.norm(dim=-1)[mask.bool()].float().cpu())
+    return torch.cat(means), float(torch.cat(norms).median())
+
+
+def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
+    from pg_analysis.assets import cache_root
+    from pg_analysis.models import pick_runtime
+
+    runtime = pick_runtime(cfg.device, "float32")
+    if cfg.init_from:
+        vlm = load_vlm(cfg.init_from, insert_layer=cfg.layer, runtime=runtime)
+    else:
+        vlm = build_vlm(cfg.vision, cfg.llm, insert_layer=0, vision_feature_layer=cfg.vision_feature_layer,
+                        vision_pool=cfg.vision_pool, projector_type=cfg.projector, runtime=runtime, seed=cfg.seed)
+        n_lm = vlm.model.config.text_config.num_hidden_layers
+        if cfg.layer > n_lm:
+            raise InputError(f"--layer must be in [0, {n_lm}] for this {n_lm}-layer LM, got {cfg.layer}")
+        vlm.model.set_insert_layer(cfg.layer)
+    # data
+    data_dir = out_dir / "data"
+    if cfg.data != "llava":
+        from pg_analysis.data import load_pairs
+
+        manifest = build_tuxpaint_instructions(data_dir, seed=cfg.seed, pairs=load_pairs(cfg.data))
+        root = manifest["image_root"]
+        s1 = load_llava_json(data_dir / manifest["files"]["train_caption"], root)
+        s2 = (load_llava_json(data_dir / manifest["files"]["train_mcq"], root)
+              + load_llava_json(data_dir / manifest["files"]["train_what"], root))
+    else:
+        manifest = {"stage1_data": cfg.stage1_data, "stage2_data": cfg.stage2_data, "image_root": cfg.image_root}
+        s1 = load_llava_json(cfg.stage1_data, cfg.image_root) if cfg.stage1_data else []
+        s2 = load_llava_json(cfg.stage2_data, cfg.image_root) if cfg.stage2_data else []
+    paths = sorted({r["image_path"] for r in s1 + s2 if r.get("image_path")})
+    if not paths:
+        raise InputError("the training data has no images")
+    image_index = {p: i for i, p in enumerate(paths)}
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
+    features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
+    model = vlm.model
+    tok = vlm.tokenizer
+    common = dict(tokenizer=tok, image_token_id=model.config.image_token_index,
+                  n_image_tokens=model.num_image_tokens, image_index=image_index, max_length=cfg.max_length)
+    template = _stage_template(cfg, tok)
+    ex1 = tokenize_records(s1, template="plain", **common)
+    ex2 = tokenize_records(s2, template=template, system=cfg.system_prompt, **common)
+    ex2_text = []
+    for r in s2:
+        tf = text_first(r)
+        ex2_text.append(tokenize_records([tf], template=template, system=cfg.system_prompt, **common)[0]
+                        if tf else None)
+    # captions per image, for scale matching and the contrastive targets
+    caption_of: dict[str, str] = {}
+    for r in s1 + s2:
+        if r.get("image_path") and r.get("caption"):
+            caption_of.setdefault(r["image_path"], r["caption"])
+        elif r.get("image_path") and r["conversations"][-1]["from"] == "gpt":
+            caption_of.setdefault(r["image_path"], r["conversations"][-1]["value"])
+    captions = [caption_of.get(p, "") or "image" for p in paths]
+    targets, median_norm = caption_targets(vlm, captions, cfg.layer)
+    return Prepared(vlm, features, image_index, ex1, ex2, ex2_text, targets, median_norm, manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("stage*-step*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _training_fields(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
+
+
+def save_checkpoint(out_dir: Path, vlm: VLM, optimizer: Any, scheduler: Any, cfg: TrainConfig, stage: int,
+                    next_step: int, extra: dict[str, Any]) -> Path:
+    """``checkpoints/stage{s}-step{k}``: HF weights (``model/``), ``trainer_state.pt`` (optimizer, scheduler, RNG)
+    and ``state.json`` (stage, next step, config). Written under a temp name, then renamed; older ones removed."""
+    final = out_dir / "checkpoints" / f"stage{stage}-step{next_step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(vlm, tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "trainer_state.pt")
+    atomic_write_json(tmp / "state.json", {"stage": stage, "next_step": next_step, "config": _training_fields(cfg),
+                                           **extra})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in (out_dir / "checkpoints").glob("stage*-step*"):
+        if old != final and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_weights(vlm: VLM, folder: Path) -> None:
+    """An HF folder (config, tokenizer, image processor, ``model.safetensors``) holding the model's own
+    ``state_dict`` names — LoRA adapters included, no key conversion — so :func:`load_weights` restores it exactly."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vlm.model.config.save_pretrained(folder)
+    vlm.tokenizer.save_pretrained(folder)
+    vlm.image_processor.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in vlm.model.state_dict().items()}
+    if vlm.model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Load weights written by :func:`save_weights` into ``model`` (built with the same config)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise InputError(f"checkpoint weights in {folder} do not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"checkpoint {path} is unreadable ({e})") from None
+    saved, now = state.get("config", {}), _training_fields(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise InputError(f"checkpoint {path} is incompatible with this run: options differ ({', '.join(diff)})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+class _Log:
+    """Appends JSON lines to ``log.jsonl``; on resume, drops lines past the checkpoint's position."""
+
+    def __init__(self, path: Path, keep_until: tuple[int, int] | None):
+        self.path = path
+        lines = []
+        if keep_until is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if (rec["stage"], rec["step"]) < keep_until:
+                    lines.append(line)
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, rec: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _stage_steps(cfg: TrainConfig, prepared: Prepared) -> dict[int, int]:
+    return {0: cfg.stage0_steps, 1: cfg.stage1_steps if prepared.stage1 else 0,
+            2: cfg.stage2_steps if prepared.stage2 else 0}
+
+
+def _stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, n_proc: int,
+                   rank: int) -> Iterator[tuple[list[Example], list[bool]]]:
+    """The micro-batches of one optimizer step for this process: ``(examples, flips)``."""
+    pool = prepared.stage1 if stage == 1 else prepared.stage2
+    if cfg.batch_size % n_proc:
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by {n_proc} processes")
+    rng = step_rng(cfg.seed, stage, step)
+    idx = grouped_batch_indices([len(e.input_ids) for e in pool], cfg.batch_size * cfg.grad_accum, step, cfg.seed,
+                                stage)
+    flips = (rng.random(len(idx)) < 0.5).tolist()
+    use_text = stage == 2 and (step < cfg.text_first_steps or rng.random() < cfg.text_first_frac)
+    for m in range(cfg.grad_accum):
+        sl = slice(m * cfg.batch_size, (m + 1) * cfg.batch_size)
+        mine = list(range(len(idx)))[sl][rank::n_proc]
+        exs = []
+        for i in mine:
+            ex = pool[idx[i]]
+            if use_text and prepared.stage2_text[idx[i]] is not None:
+                ex = prepared.stage2_text[idx[i]]
+            exs.append(ex)
+        yield exs, [flips[i] for i in mine]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary (also written to ``summary.json``)."""
+    from accelerate import Accelerator
+
+    from pg_analysis.plots import loss_curve_figure
+
+    out_dir = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise InputError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+    if not cfg.resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"output folder {out_dir} is not empty; pass --resume to continue it or choose another")
+    state = read_checkpoint(ckpt, cfg) if ckpt is not None else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    prepared = prepare(cfg, out_dir)
+    vlm = prepared.vlm
+    model = vlm.model.to(accelerator.device)
+    device = accelerator.device
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    steps = _stage_steps(cfg, prepared)
+    scale = {"target_median_norm": prepared.target_median_norm}
+    if ckpt is not None:
+        if cfg.lora and state["stage"] == 2:
+            add_lora(model, cfg.layer, cfg.lora_r, cfg.lora_alpha)
+        load_weights(model, ckpt / "model")
+        start_stage, start_step = state["stage"], state["next_step"]
+        scale = state.get("scale", scale)
+    else:
+        start_stage, start_step = 0, 0
+        if cfg.scale_match and not cfg.init_from:
+            scale.update(_match_scale(model, prepared))
+    config_record = {"config": cfg.to_dict(), "data": prepared.data_manifest, **run_metadata(),
+                     "num_image_tokens": model.num_image_tokens, "template": _stage_template(cfg, vlm.tokenizer)}
+    atomic_write_json(out_dir / "config.json", config_record)
+    logger = _Log(out_dir / "log.jsonl", (start_stage, start_step) if ckpt is not None else None)
+    done_steps = 0
+    stage_time: dict[int, float] = {}
+    t_run = time.perf_counter()
+    stopped = False
+    for stage in STAGES:
+        if stage < start_stage or steps[stage] == 0:
+            continue
+        if stage == 2 and cfg.lora and not any("lora_" in n for n, _ in model.named_parameters()):
+            add_lora(model, cfg.layer, cfg.lora_r, cfg.lora_alpha)
+        groups = set_trainable(model, stage, cfg.layer, cfg.lora)
+        lrs = {0: {"projector": cfg.stage0_lr}, 1: {"projector": cfg.stage1_lr},
+               2: {"projector": cfg.stage2_projector_lr, "lm": cfg.stage2_lr}}[stage]
+        param_groups = [{"params": groups[g], "lr": lr, "name": g} for g, lr in lrs.items() if groups[g]]
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_frac * steps[stage])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s, total=steps[stage], w=warmup: lr_factor(s, total, w))
+        first = start_step if stage == start_stage else 0
+        if ckpt is not None and stage == start_stage:
+            ts = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            optimizer.load_state_dict(ts["optimizer"])
+            scheduler.load_state_dict(ts["scheduler"])
+            _set_rng_state(ts["rng"])
+        trained = model if stage > 0 else model.model.multi_modal_projector
+        trained, optimizer = accelerator.prepare(trained, optimizer)
+        model.train()
+        bar = tqdm(range(first, steps[stage]), desc=f"stage {stage}", disable=not cfg.progress, initial=first,
+                   total=steps[stage])
+        t_stage = time.perf_counter()
+        for step in bar:
+            t0 = time.perf_counter()
+            n_samples = n_tokens = 0
+            if stage == 0:
+                loss = _stage0_step(cfg, prepared, model, step, device, accelerator)
+                n_samples = len(prepared.features)
+                aux = None
+            else:
+                loss = aux = None
+                for exs, flips in _stage_batches(cfg, prepared, stage, step, accelerator.num_processes,
+                                                 accelerator.process_index):
+                    batch = {k: v.to(device) for k, v in
+                             collate(exs, vlm.tokenizer.pad_token_id, prepared.features, flips).items()}
+                    with _autocast(cfg, device):
+                        out = trained(**batch, return_logits=False)
+                    micro = out.loss / cfg.grad_accum
+                    if cfg.aux_weight and "vision_features" in batch:
+                        a = _aux_loss(cfg, prepared, model, exs, batch["vision_features"], device)
+                        micro = micro + cfg.aux_weight * a / cfg.grad_accum
+                        aux = float(a.detach()) if aux is None else aux + float(a.detach())
+                    accelerator.backward(micro)
+                    loss = float(out.loss.detach()) / cfg.grad_accum + (loss or 0.0)
+                    n_samples += len(exs)
+                    n_tokens += int(batch["attention_mask"].sum())
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            lr_now = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            rec = {"stage": stage, "step": step, "loss": loss, "lr": lr_now, "samples_per_s": n_samples / dt,
+                   "tokens_per_s": n_tokens / dt if n_tokens else None, "step_s": dt}
+            if aux is not None:
+                rec["aux_infonce"] = aux
+            if accelerator.is_main_process:
+                logger.write(rec)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            done_steps += 1
+            last = step + 1 == steps[stage]
+            if accelerator.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or last):
+                save_checkpoint(out_dir, vlm, optimizer, scheduler, cfg, stage if not last else stage + 1,
+                                step + 1 if not last else 0, {"scale": scale})
+            if cfg.stop_after is not None and done_steps >= cfg.stop_after and not last:
+                if accelerator.is_main_process and (step + 1) % cfg.checkpoint_every:
+                    save_checkpoint(out_dir, vlm, optimizer, scheduler, cfg, stage, step + 1, {"scale": scale})
+                stopped = True
+                break
+        stage_time[stage] = time.perf_counter() - t_stage
+        model = accelerator.unwrap_model(trained) if stage > 0 else model
+        if stopped:
+            break
+    model.eval()
+    summary: dict[str, Any] = {"stopped_early": stopped, "stage_seconds": stage_time,
+                               "run_seconds": time.perf_counter() - t_run,
+                               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "scale": scale, "num_image_tokens": model.num_image_tokens,
+                               "insert_layer": model.insert_layer, "steps": steps}
+    if stopped or not accelerator.is_main_process:
+        return summary
+    if cfg.lora:
+        merge_lora(model)
+    tmp = out_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vlm.save(tmp)
+    shutil.rmtree(out_dir / "model", ignore_errors=True)
+    tmp.rename(out_dir / "model")
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    summary["throughput"] = _throughput(records)
+    loss_curve_figure({f"L={cfg.layer}": records}, out_dir / "loss.png")
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for stage in STAGES:
+        rs = [r for r in records if r["stage"] == stage]
+        if rs:
+            t = sum(r["step_s"] for r in rs)
+            out[f"stage{stage}"] = {"steps": len(rs), "seconds": t, "s_per_step": t / len(rs),
+                                    "samples_per_s": float(np.median([r["samples_per_s"] for r in rs])),
+                                    "tokens_per_s": (float(np.median([r["tokens_per_s"] for r in rs]))
+                                                     if rs[0].get("tokens_per_s") else None)}
+    return out
+
+
+@torch.no_grad()
+def _match_scale(model: Any, prepared: Prepared) -> dict[str, float]:
+    """Set the projector gain so its median output-token norm equals the LM's median token norm at L."""
+    proj = model.model.multi_modal_projector
+    proj.gain.fill_(1.0)
+    out = model.project(prepared.features[:, 0].to(proj.gain.device))
+    before = float(out.float().norm(dim=-1).median())
+    proj.gain.fill_(prepared.target_median_norm / before)
+    return {"projector_median_norm_before": before, "gain": float(proj.gain)}
+
+
+def _stage0_step(cfg: TrainConfig, prepared: Prepared, model: Any, step: int, device: torch.device,
+                 accelerator: Any) -> float:
+    """One InfoNCE step over the whole training set (each image or its mirror, seeded per step)."""
+    n = len(prepared.features)
+    flips = torch.from_numpy(step_rng(cfg.seed, 0, step).random(n) < 0.5).long()
+    feats = prepared.features[torch.arange(n), flips].to(device)
+    pooled = model.project(feats).mean(1)
+    loss = info_nce(pooled, prepared.caption_targets.to(device), cfg.tau)
+    accelerator.backward(loss)
+    return float(loss.detach())
+
+
+def _aux_loss(cfg: TrainConfig, prepared: Prepared, model: Any, exs: list[Example], vision_features: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+    """InfoNCE of the batch's projected images against their captions' targets (the warm-up kept as a term)."""
+    imgs = [e.image for e in exs if e.image >= 0]
+    if len(set(imgs)) < 2:
+        return torch.zeros((), device=device)
+    pooled = model.project(vision_features).mean(1)
+    return info_nce(pooled, prepared.caption_targets[imgs].to(device), cfg.tau)

@@ -1,0 +1,26 @@
+"""Pure evaluation metrics."""
+
+import numpy as np
+import pytest
+
+from pg_train.evaluate import derangement, exact_match, rouge_l, wilson_interval
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(48, 100)
+    assert lo == pytest.approx(0.3846, abs=1e-3) and hi == pytest.approx(0.5768, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_rouge_l_and_exact_match():
+    assert rouge_l("A red cat.", "a red cat") == 1.0
+    assert rouge_l("a cat", "a red cat") == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
+    assert rouge_l("dog", "a red cat") == 0.0
+    assert exact_match("An apple!", "an apple") and not exact_match("an apple tree", "an apple")
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 99])
+def test_derangement_has_no_fixed_point(n):
+    p = derangement(n, seed=n)
+    assert sorted(p) == list(range(n)) and not np.any(p == np.arange(n))

@@ -1,0 +1,187 @@
+"""Instruction data builder, parameter policy per stage, the training loop and resume, and pg-eval, on tiny models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pg_analysis.errors import InputError
+from pg_train.datasets import build_tuxpaint_instructions, collate, load_llava_json
+from pg_train.trainer import (TrainConfig, batch_indices, info_nce, lr_factor, set_trainable, train)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_pairs):
+    from pg_analysis.data import load_pairs
+
+    return load_pairs(str(tiny_pairs))
+
+
+def test_builder_is_deterministic_and_splits_by_image(pairs, tmp_path):
+    a = build_tuxpaint_instructions(tmp_path / "a", seed=3, pairs=pairs)
+    build_tuxpaint_instructions(tmp_path / "b", seed=3, pairs=pairs)
+    for name in a["files"].values():
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    images = {s: {r["image_id"] for r in json.loads((tmp_path / "a" / f"{s}_caption.json").read_text())}
+              for s in ("train", "val", "test")}
+    assert not images["train"] & images["test"] and not images["val"] & images["test"]
+    assert sum(map(len, images.values())) == len(pairs)
+    mcq = json.loads((tmp_path / "a" / "test_mcq.json").read_text())
+    assert len(mcq) == 4 * len(images["test"])
+    for r in mcq:
+        assert r["options"]["ABCD".index(r["answer"])] == r["caption"]
+        assert len(set(o.lower() for o in r["options"])) == 4
+        assert r["conversations"][-1]["value"] == r["answer"]
+    assert sorted(r["answer"] for r in mcq) == sorted("ABCD" * len(images["test"]))
+    c = build_tuxpaint_instructions(tmp_path / "c", seed=4, pairs=pairs)
+    assert (tmp_path / "c" / c["files"]["test_mcq"]).read_text() != (tmp_path / "a" / a["files"]["test_mcq"]).read_text()
+
+
+def test_llava_json_missing_image_is_a_clear_error(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "x", "image": "nope.png", "conversations": []}]))
+    with pytest.raises(InputError, match="nope.png not found"):
+        load_llava_json(tmp_path / "d.json")
+
+
+def test_collate_pads_and_picks_mirrored_features():
+    from pg_train.datasets import Example
+
+    feats = torch.arange(2 * 2 * 3 * 1, dtype=torch.float32).reshape(2, 2, 3, 1)
+    exs = [Example([1, 2, 3], [-100, 2, 3], 1), Example([1, 2], [-100, 2], -1), Example([5], [5], 0)]
+    b = collate(exs, 0, feats, flips=[True, False, False])
+    assert b["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0], [5, 0, 0]]
+    assert b["labels"][1].tolist() == [-100, 2, -100] and b["attention_mask"].sum() == 6
+    assert torch.equal(b["vision_features"], torch.stack([feats[1, 1], feats[0, 0]]))
+    left = collate(exs, 0, feats, padding_side="left")
+    assert left["input_ids"][2].tolist() == [0, 0, 5]
+
+
+def test_schedule_batches_and_infonce():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.0)
+    first = [batch_indices(10, 4, s, 0, 1) for s in range(5)]
+    flat = sum(first, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert first == [batch_indices(10, 4, s, 0, 1) for s in range(5)]
+    x = torch.randn(8, 16)
+    assert info_nce(x, x, 0.07) < 0.01 < info_nce(x, torch.randn(8, 16), 0.07)
+
+
+def test_each_stage_trains_only_its_parameters(tiny_models):
+    from pg_train.vlm import build_vlm
+
+    vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=2, vision_pool=2)
+    model = vlm.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    ids = torch.tensor([[1] + [vlm.image_token_id] * 4 + [5, 6, 7]])
+    for stage in (1, 2):
+        set_trainable(model, stage, 2)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, vision_features=torch.randn(1, 4, 32), labels=ids.masked_fill(ids > 30, -100))
+        out.loss.backward()
+        got = {names[id(p)] for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert all("multi_modal_projector" in n for n in got) if stage == 1 else True
+        assert any("multi_modal_projector" in n for n in got)
+        if stage == 2:
+            assert {n.split(".")[3] for n in got if ".layers." in n} == {"2"}  # layers >= L only (3 layers)
+            assert any(n.endswith("language_model.norm.weight") for n in got)
+        assert not any("vision_tower" in n or "embed_tokens" in n or "layers.0." in n or "layers.1." in n
+                       for n in got)
+
+
+def _cfg(tiny_models, tiny_pairs, out, **kw):
+    base = dict(out_dir=str(out), vision=str(tiny_models["dinov2"]), llm=str(tiny_models["llama"]),
+                data=str(tiny_pairs), layer=1, vision_pool=2, stage0_steps=3, stage1_steps=3, stage2_steps=4,
+                text_first_steps=1, batch_size=4, checkpoint_every=2, precision="fp32", max_length=128,
+                cache_dir=str(Path(out).parent / "features"), progress=False, aux_weight=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models, tiny_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "full"
+    summary = train(_cfg(tiny_models, tiny_pairs, out))
+    return out, summary
+
+
+def _losses(out):
+    return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+def test_run_writes_its_outputs(tiny_run):
+    out, summary = tiny_run
+    for name in ("config.json", "log.jsonl", "loss.png", "summary.json", "model/config.json", "data/manifest.json"):
+        assert (out / name).is_file(), name
+    assert [s for s, _, _ in _losses(out)] == [0] * 3 + [1] * 3 + [2] * 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["layer"] == 1 and "versions" in cfg and cfg["template"] == "vicuna_v1"
+    assert summary["scale"]["gain"] > 0 and summary["insert_layer"] == 1
+    from pg_train.vlm import load_vlm
+
+    assert load_vlm(out / "model").model.insert_layer == 1
+
+
+def test_resume_after_a_kill_follows_the_same_loss_curve(tiny_run, tiny_models, tiny_pairs, tmp_path):
+    full, _ = tiny_run
+    out = tmp_path / "killed"
+    first = train(_cfg(tiny_models, tiny_pairs, out, stop_after=5))  # dies inside stage 1
+    assert first["stopped_early"] and not (out / "model").exists()
+    train(_cfg(tiny_models, tiny_pairs, out, resume=True))
+    a, b = _losses(full), _losses(out)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-5, abs=1e-6)
+
+
+def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
+    full, _ = tiny_run
+    with pytest.raises(InputError, match="not empty"):
+        train(_cfg(tiny_models, tiny_pairs, full))
+    with pytest.raises(InputError, match="incompatible"):
+        train(_cfg(tiny_models, tiny_pairs, full, resume=True, stage2_lr=0.5))
+    with pytest.raises(InputError, match="no checkpoint"):
+        train(_cfg(tiny_models, tiny_pairs, tmp_path / "empty", resume=True))
+    with pytest.raises(InputError, match="layer"):
+        train(_cfg(tiny_models, tiny_pairs, tmp_path / "deep", layer=9))
+
+
+def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
+    from pg_train.cli import eval_cli
+
+    out, _ = tiny_run
+    assert eval_cli([str(out), "--quiet", "--max-new-tokens", "3", "--precision", "fp32", "--bench-repeats", "1"]) == 0
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    n_test = result["n_images"]
+    for control in ("image", "no_image", "shuffled"):
+        assert result["mcq"][control]["n"] == 4 * n_test
+        assert sum(result["mcq"][control]["letters"].values()) == 4 * n_test
+        lo, hi = result["mcq"][control]["ci95"]
+        assert lo <= result["mcq"][control]["accuracy"] <= hi
+        assert result["rank4"][control]["n"] == n_test
+    assert result["rank_all"]["image"]["candidates"] == n_test
+    assert 0 <= result["generation"]["rouge_l"] <= 1
+    assert result["efficiency"]["predicted_ratio"] < 1
+    assert (out / "eval" / "letters.png").is_file()
+    assert "MCQ" in capsys.readouterr().out
+
+
+def test_lora_stage_two_saves_a_plain_merged_model(tiny_models, tiny_pairs, tmp_path):
+    from pg_train.vlm import load_vlm
+
+    out = tmp_path / "lora"
+    train(_cfg(tiny_models, tiny_pairs, out, lora=True, lora_r=4, lora_alpha=8, stage0_steps=0, stage1_steps=1,
+               stage2_steps=2))
+    vlm = load_vlm(out / "model")
+    assert not any("lora" in n for n, _ in vlm.model.named_parameters())
+
+
+def test_pg_train_bad_input_is_one_line_exit_2(tiny_models, tiny_pairs, tmp_path, capsys):
+    from pg_train.cli import train_cli
+
+    common = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]), "--quiet"]
+    assert train_cli(["--layer", "-1", "--out", str(tmp_path / "a"), *common]) == 2
+    assert train_cli(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "b"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("pg-train: error:") for line in err)
+    assert not (tmp_path / "b" / "model").exists()
