@@ -263,23 +263,46 @@ def _stage_template(cfg: TrainConfig, tokenizer: Any) -> str:
 
 
 @torch.no_grad()
-def caption_targets(vlm: VLM, captions: list[str], layer: int, batch_size: int = 64) -> tuple[torch.Tensor, float]:
+def caption_targets(vlm: VLM, captions: list[str], layer: int, prefix: list[int] | None = None,
+                    batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """Mean over caption tokens of the LM's hidden state at the input of layer ``layer`` (``[N, d]``), and the
-    median norm of those token states (the scale the vision rows should have there)."""
+    median norm of those token states (the scale the vision rows should have there).
+
+    ``prefix``: token ids run before each caption — the prompt text that precedes the image — so the caption is
+    seen where the vision rows sit, not at position 0, whose state is an attention sink with an outsized norm.
+    Only the caption's own positions are averaged.
+    """
     lm = vlm.model.model.language_model
     tok = vlm.tokenizer
+    prefix = list(prefix or [])
     means, norms = [], []
     for start in range(0, len(captions), batch_size):
-        enc = tok(captions[start:start + batch_size], padding=True, return_tensors="pt", add_special_tokens=False)
-        ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
+        rows = [prefix + tok(c, add_special_tokens=False)["input_ids"] for c in captions[start:start + batch_size]]
+        t = max(map(len, rows))
+        ids = torch.full((len(rows), t), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
         if layer == 0:
             h = lm.embed_tokens(ids)
         else:
             h = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        m = mask[..., None].to(h.dtype)
+        caption = mask.clone()
+        caption[:, :len(prefix)] = 0
+        m = caption[..., None].to(h.dtype)
         means.append(((h * m).sum(1) / m.sum(1)).float().cpu())
-        norms.append(h.norm(dim=-1)[mask.bool()].float().cpu())
+        norms.append(h.norm(dim=-1)[caption.bool()].float().cpu())
     return torch.cat(means), float(torch.cat(norms).median())
+
+
+def _image_prefix(examples: list[Example], image_token_id: int) -> list[int]:
+    """The token ids before the first image token of the first example that has one."""
+    for e in examples:
+        if image_token_id in e.input_ids:
+            return e.input_ids[:e.input_ids.index(image_token_id)]
+    return []
 
 
 def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
@@ -336,7 +359,8 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
         elif r.get("image_path") and r["conversations"][-1]["from"] == "gpt":
             caption_of.setdefault(r["image_path"], r["conversations"][-1]["value"])
     captions = [caption_of.get(p, "") or "image" for p in paths]
-    targets, median_norm = caption_targets(vlm, captions, cfg.layer)
+    prefix = _image_prefix(ex2 or ex1, model.config.image_token_index)
+    targets, median_norm = caption_targets(vlm, captions, cfg.layer, prefix)
     return Prepared(vlm, features, image_index, ex1, ex2, ex2_text, targets, median_norm, manifest)
 
 
