@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pg_analysis.errors import InputError
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, tokenize_records
 from .grounding import GroundedCache
+from .trainer import precision_context
 from .vlm import VLM
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -128,10 +128,6 @@ class EvalConfig:
             raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
 
 
-def _autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 def _strip_image(record: dict[str, Any]) -> dict[str, Any]:
     conv = [dict(t) for t in record["conversations"]]
     for t in conv:
@@ -177,7 +173,7 @@ class Evaluator:
         """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each)."""
         out = []
         for start in range(0, len(exs), self.cfg.batch_size):
-            with _autocast(self.cfg.precision, self.device):
+            with precision_context(self.cfg.precision, self.device):
                 logits = self.model(**self._batch(exs[start:start + self.cfg.batch_size]), logits_to_keep=1).logits
             out.append(logits[:, -1].float().cpu())
         return torch.cat(out)
@@ -192,7 +188,7 @@ class Evaluator:
     def _candidate_scores(self, prompt: Example, candidates: list[list[int]]) -> torch.Tensor:
         """Mean token log-probability of each candidate continuation of one prompt (prefill once, cache repeated)."""
         batch = self._batch([prompt])
-        with _autocast(self.cfg.precision, self.device):
+        with precision_context(self.cfg.precision, self.device):
             out = self.model(**batch, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         cache: GroundedCache = out.past_key_values
@@ -205,7 +201,7 @@ class Evaluator:
             ids[i, :len(c)] = torch.tensor(c)
             mask[i, :len(c)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        with _autocast(self.cfg.precision, self.device):
+        with precision_context(self.cfg.precision, self.device):
             logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
         logp = torch.log_softmax(logits.float(), -1)  # row j predicts token j+1
         scores = first[ids[:, 0]].clone()
@@ -244,7 +240,7 @@ class Evaluator:
         preds = []
         for start in tqdm(range(0, len(exs), self.cfg.batch_size), desc="generate", disable=not self.cfg.progress):
             batch = self._batch(exs[start:start + self.cfg.batch_size])
-            with _autocast(self.cfg.precision, self.device):
+            with precision_context(self.cfg.precision, self.device):
                 out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                           suppress_tokens=[self.model.config.image_token_index])
@@ -274,7 +270,7 @@ class Evaluator:
                 best = float("inf")
                 for _ in range(max(1, self.cfg.bench_repeats)):
                     t0 = time.perf_counter()
-                    with _autocast(self.cfg.precision, self.device):
+                    with precision_context(self.cfg.precision, self.device):
                         self.model(**batch, logits_to_keep=1)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)

@@ -471,10 +471,9 @@ class _Log:
             f.write(json.dumps(rec) + "\n")
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def precision_context(precision: str, device: torch.device):
+    """bf16 autocast on ``device`` for ``"bf16"``, nothing for ``"fp32"`` (training and evaluation alike)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _stage_steps(cfg: TrainConfig, prepared: Prepared) -> dict[int, int]:
@@ -589,7 +588,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                                  accelerator.process_index):
                     batch = {k: v.to(device) for k, v in
                              collate(exs, vlm.tokenizer.pad_token_id, prepared.features, flips).items()}
-                    with _autocast(cfg, device):
+                    with precision_context(cfg.precision, device):
                         out = trained(**batch, return_logits=False)
                     micro = out.loss / cfg.grad_accum
                     if cfg.aux_weight and "vision_features" in batch:
