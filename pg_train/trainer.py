@@ -517,6 +517,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.resume and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"output folder {out_dir} is not empty; pass --resume to continue it or choose another")
     state = read_checkpoint(ckpt, cfg) if ckpt is not None else None
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -524,7 +525,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    prepared = prepare(cfg, out_dir)
+    try:
+        prepared = prepare(cfg, out_dir)
+    except BaseException:
+        if created:  # bad data or models: leave nothing behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     vlm = prepared.vlm
     model = vlm.model.to(accelerator.device)
     device = accelerator.device

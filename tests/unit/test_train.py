@@ -184,4 +184,4 @@ def test_pg_train_bad_input_is_one_line_exit_2(tiny_models, tiny_pairs, tmp_path
     assert train_cli(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "b"), *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("pg-train: error:") for line in err)
-    assert not (tmp_path / "b" / "model").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
