@@ -119,6 +119,7 @@ def loss_curve_figure(runs: dict[str, list[dict[str, Any]]], path: Path, smooth:
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+    plt.close(fig)
 
 
 def letter_histogram(mcq: dict[str, dict[str, Any]], path: Path, title: str = "") -> None:
@@ -141,3 +142,100 @@ def letter_histogram(mcq: dict[str, dict[str, Any]], path: Path, title: str = ""
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+    plt.close(fig)
+
+
+def attention_heatmap(attention: np.ndarray, shown: np.ndarray, path: Path, skip: int = 0, title: str = "") -> None:
+    """Fig. 3 / Fig. 6: head-averaged language→vision attention, the ``shown`` vision tokens left to right
+    (positional order), LLM layers vertical (first layer at the bottom); ``skip`` leaves out the first layers."""
+    import seaborn as sns
+
+    plt = _pyplot()
+    values = np.asarray(attention, dtype=float)[skip:, shown]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.09 * len(shown) + 2.5), 4.8))
+    sns.heatmap(values, ax=ax, cmap="viridis", cbar_kws={"label": "mean attention (heads, queries, prompts)"})
+    ax.invert_yaxis()
+    rows = _ticks(values.shape[0])
+    ax.set_yticks([r + 0.5 for r in rows], [str(r + skip) for r in rows], rotation=0)
+    cols = _ticks(len(shown), 20)
+    ax.set_xticks([c + 0.5 for c in cols], [str(int(shown[c])) for c in cols], rotation=90, fontsize=7)
+    ax.set_xlabel(f"vision token ({len(shown)} of {attention.shape[1]}, positional order)")
+    ax.set_ylabel("LLM layer")
+    ax.set_title((title + "\n" if title else "") + ("all layers" if not skip else f"layers {skip}+"), fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def attention_profile_figure(summary: dict[str, Any], path: Path) -> None:
+    """Total attention to the vision rows per LLM layer (sum over all vision tokens)."""
+    plt = _pyplot()
+    profile = np.asarray(summary["profile"], dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(np.arange(len(profile)), profile, "o-", ms=3)
+    if summary.get("insert_layer"):
+        ax.axvline(summary["insert_layer"] - 0.5, color="grey", ls="--", lw=1, label=f"L = {summary['insert_layer']}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("LLM layer")
+    ax.set_ylabel("attention to vision rows")
+    ax.set_title(f"{summary['vlm']}: {summary['n_prompts']} prompts, queries: {summary['query']}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def recommendation_figure(rec: dict[str, Any], path: Path) -> None:
+    """Expected prefill saving vs the risk measures across L, the tolerance, and the recommended L."""
+    plt = _pyplot()
+    rows = rec["table"]
+    ls = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(ls, [100 * r["saving"] for r in rows], "k-o", ms=3, label="predicted prefill saving")
+    ax.set_xlabel("insert layer L")
+    ax.set_ylabel("saving (%)")
+    ax2 = ax.twinx()
+    for key, label, style in (("attention_lost", "vision attention lost", "C0-s"),
+                              ("answers_changed", "answers changed (probe)", "C1-^"),
+                              ("alignment_deficit", "alignment deficit", "C2-v")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax2.plot(ls, [np.nan if y is None else y for y in ys], style, ms=3, label=label)
+    ax2.axhline(rec["rule"]["tolerance"], color="grey", ls=":", lw=1, label="tolerance")
+    ax2.set_ylabel("risk (fraction)")
+    ax2.set_ylim(-0.02, 1.02)
+    ax.axvline(rec["recommended_layer"], color="red", lw=1.2)
+    ax.set_title(f"recommended L = {rec['recommended_layer']}", fontsize=10)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def tradeoff_figure(points: list[dict[str, Any]], path: Path, recommended: int | None = None) -> None:
+    """Fig. 1 style: accuracy of trained models vs their prefill saving, one point per insert layer L;
+    ``points``: ``{"layer", "saving", "accuracy", "ci95"?, "label"?}``; the Pareto frontier is drawn."""
+    plt = _pyplot()
+    pts = sorted(points, key=lambda p: p["saving"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for p in pts:
+        yerr = None
+        if p.get("ci95"):
+            yerr = [[p["accuracy"] - p["ci95"][0]], [p["ci95"][1] - p["accuracy"]]]
+        colour = "red" if p["layer"] == recommended else "C0"
+        ax.errorbar(100 * p["saving"], p["accuracy"], yerr=yerr, fmt="o", color=colour, capsize=3)
+        ax.annotate(f"L={p['layer']}", (100 * p["saving"], p["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    from .recommend import pareto_frontier
+
+    front = pareto_frontier([(p["saving"], p["accuracy"]) for p in pts])
+    ax.plot([100 * pts[i]["saving"] for i in front], [pts[i]["accuracy"] for i in front], "k--", lw=1,
+            label="frontier")
+    ax.set_xlabel("predicted prefill saving (%)")
+    ax.set_ylabel(points[0].get("metric", "accuracy"))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+

@@ -78,7 +78,9 @@ _TRAIN_HELP = {
     "vision": "frozen vision encoder: alias, folder or hub id (default: %(default)s)",
     "llm": "language model: alias, folder or hub id (default: %(default)s)",
     "init_from": "start from a pg-train model folder or an HF LLaVA checkpoint (e.g. llava) instead of --vision/--llm",
-    "layer": "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA) (default: %(default)s)",
+    "layer": "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA), or auto: the layer "
+             "pg-recommend names (read from --recommendation, else computed there from --baseline, --align-result "
+             "and --attnmap) (default: %(default)s)",
     "vision_feature_layer": "encoder hidden state used, as LLaVA (default: %(default)s)",
     "vision_pool": "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens (default: %(default)s)",
     "projector": "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)",
@@ -129,13 +131,13 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
-def _layer(value: str) -> int:
+def _layer(value: str) -> int | str:
     if value == "auto":
-        raise argparse.ArgumentTypeError("--layer auto needs pg-recommend, which is not built yet; give an integer")
+        return "auto"
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer layer, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer layer or 'auto', got {value!r}") from None
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -164,23 +166,45 @@ def train_parser() -> argparse.ArgumentParser:
         elif f.type == "int | None":
             kw["type"] = int
         p.add_argument(flag, **kw)
+    auto = p.add_argument_group("--layer auto")
+    auto.add_argument("--recommendation", default="runs/recommend",
+                      help="pg-recommend result folder: read if present, else written there (default: %(default)s)")
+    auto.add_argument("--baseline", default="runs/train-L0",
+                      help="baseline L=0 VLM for the training-free probe (default: %(default)s)")
+    auto.add_argument("--align-result", default="runs/align", help="pg-align result folder (default: %(default)s)")
+    auto.add_argument("--attnmap", default="runs/attnmap", help="pg-attnmap result folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="log progress details")
     return p
 
 
+def _resolve_auto_layer(args: argparse.Namespace) -> dict:
+    from pg_analysis.recommend import RecommendConfig, auto_layer
+
+    rcfg = RecommendConfig(vlm=args.baseline, align=args.align_result, attnmap=args.attnmap)
+    rec = auto_layer(args.recommendation, rcfg, out_dir=Path(args.recommendation), progress=not args.quiet)
+    print(f"--layer auto: L = {rec['recommended_layer']} (pg-recommend, {rec['source']}; "
+          f"tolerance {rec['rule']['tolerance']}, risks {', '.join(rec['rule']['risks_used'])})")
+    return rec
+
+
 def _train_main(args: argparse.Namespace) -> int:
     from .trainer import TrainConfig, train
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("quiet", "verbose")}
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("quiet", "verbose", "recommendation", "baseline", "align_result", "attnmap")}
     if fields.get("system_prompt") == "default":
         fields["system_prompt"] = None
     if args.quiet:
         from pg_analysis.cli import _quiet_hf
 
         _quiet_hf()
+    evidence = None
+    if fields["layer"] == "auto":
+        evidence = _resolve_auto_layer(args)
+        fields["layer"] = evidence["recommended_layer"]
     cfg = TrainConfig(**fields, progress=not args.quiet)
-    summary = train(cfg)
+    summary = train(cfg, layer_evidence=evidence)
     if summary.get("stopped_early"):
         print(f"stopped after --stop-after {cfg.stop_after} steps; continue with --resume")
         return 0

@@ -85,6 +85,16 @@ def mcq_prompt(options: list[str]) -> str:
     return "\n".join([MCQ_QUESTION, *lines, MCQ_INSTRUCTION])
 
 
+def mcq_record(base: dict[str, Any], pool: list[str], answer: int, rng: np.random.Generator) -> dict[str, Any]:
+    """A 4-way multiple-choice record for ``base`` (``image``, ``caption``, ``image_id``): three distractors drawn
+    from ``pool`` (captions that differ from ``base["caption"]``), the caption placed at option ``answer``."""
+    letter = LETTERS[answer]
+    distractors = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
+    options = distractors[:answer] + [base["caption"]] + distractors[answer:]
+    return {**base, "id": f"{base['image_id']}#mcq{letter}", "task": "mcq", "options": options, "answer": letter,
+            "conversations": [_human(f"{IMAGE_TOKEN}\n{mcq_prompt(options)}"), _gpt(letter)]}
+
+
 def split_ids(ids: list[str], seed: int, val_frac: float, test_frac: float) -> dict[str, list[str]]:
     """Deterministic split by image id: a seeded permutation of the sorted ids; test first, then val."""
     ids = sorted(ids)
@@ -131,12 +141,7 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
             pool = sorted({c for j, c in caption_of.items() if c.lower() != cap.lower()})
             if len(pool) < 3:
                 continue
-            for k, letter in enumerate(LETTERS):
-                distractors = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
-                options = distractors[:k] + [cap] + distractors[k:]
-                records["mcq"].append({**base, "id": f"{img_id}#mcq{letter}", "task": "mcq", "options": options,
-                                       "answer": letter, "conversations": [
-                                           _human(f"{IMAGE_TOKEN}\n{mcq_prompt(options)}"), _gpt(letter)]})
+            records["mcq"] += [mcq_record(base, pool, k, rng) for k in range(len(LETTERS))]
         for task, recs in records.items():
             name = f"{split}_{task}.json"
             atomic_write_json(out_dir / name, recs)
@@ -171,8 +176,9 @@ def _file_digest(paths: list[str]) -> str:
 
 
 def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_size: int = 32,
-                   progress: bool = True) -> torch.Tensor:
-    """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped).
+                   progress: bool = True, mirror: bool = True) -> torch.Tensor:
+    """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped);
+    ``mirror=False``: ``[N, 1, P, D_v]``, the images only (analysis, evaluation of many images).
 
     Cached under ``cache_dir`` keyed by the vision tower's config and weights checksum, the feature layer,
     selection and pooling, the image processor, and the image files (path, size, mtime).
@@ -189,14 +195,16 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
               "weights": float(first.float().sum()), "layer": model.config.vision_feature_layer,
               "select": model.config.vision_feature_select_strategy, "pool": model.config.vision_pool,
               "processor": vlm.image_processor.to_dict(), "images": _file_digest(paths), "n": len(paths)}
+    if not mirror:
+        fields["mirror"] = False
 
     def compute() -> torch.Tensor:
         chunks = []
         for start in tqdm(range(0, len(paths), batch_size), desc="encoder features", disable=not progress):
             pil = [open_image(p) for p in paths[start:start + batch_size]]
-            both = pil + [ImageOps.mirror(im) for im in pil]
+            both = pil + [ImageOps.mirror(im) for im in pil] if mirror else pil
             feats = model.encode_images(vlm.pixel_values(both)).float().cpu()
-            chunks.append(torch.stack([feats[:len(pil)], feats[len(pil):]], 1))
+            chunks.append(torch.stack([feats[:len(pil)], feats[len(pil):]], 1) if mirror else feats[:, None])
         return torch.cat(chunks)
 
     if cache_dir is None:

@@ -504,8 +504,10 @@ def _stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, 
         yield exs, [flips[i] for i in mine]
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary (also written to ``summary.json``)."""
+def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the summary (also written to ``summary.json``).
+
+    ``layer_evidence``: the pg-recommend result behind ``--layer auto``, recorded in ``config.json``."""
     from accelerate import Accelerator
 
     from pg_analysis.plots import loss_curve_figure
@@ -550,6 +552,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             scale.update(_match_scale(model, prepared))
     config_record = {"config": cfg.to_dict(), "data": prepared.data_manifest, **run_metadata(),
                      "num_image_tokens": model.num_image_tokens, "template": _stage_template(cfg, vlm.tokenizer)}
+    if layer_evidence is not None:
+        config_record["layer_auto"] = layer_evidence
     atomic_write_json(out_dir / "config.json", config_record)
     logger = _Log(out_dir / "log.jsonl", (start_stage, start_step) if ckpt is not None else None)
     done_steps = 0

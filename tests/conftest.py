@@ -86,3 +86,14 @@ def tiny_pairs(tmp_path_factory) -> Path:
         rows.append({"image": f"img{i:02d}.png", "caption": f"a {colours[i % 3]} {things[i % 8]} ."})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "pairs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tiny_models, tmp_path_factory) -> Path:
+    """A saved tiny grounded VLM (DINOv2 8 px, 2×2 pooling → 4 vision tokens; 3-layer LLaMA), L = 0."""
+    from pg_train.vlm import build_vlm
+
+    folder = tmp_path_factory.mktemp("tiny_vlm") / "model"
+    vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=0, vision_pool=2, seed=1)
+    vlm.save(folder)
+    return folder
