@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from .errors import InputError
 from .metrics import get_metric, grid_from_states, prepare_layers
 from .preprocess import preprocess_features
 from .registry import DEFAULT_LM, DEFAULT_VISION
-from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, run_metadata
+from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_result_json, run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +266,4 @@ def save_align_result(result: AlignResult, out_dir: Path) -> Path:
 
 def load_align_result(out_dir: Path) -> dict[str, Any]:
     """Read a saved result's ``alignment.json`` (figures and recommend use this; no model is loaded)."""
-    path = Path(out_dir) / "alignment.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir} holds no pg-align result (alignment.json missing)")
-    return json.loads(path.read_text())
+    return read_result_json(out_dir, "alignment.json", "pg-align")

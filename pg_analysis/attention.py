@@ -216,8 +216,11 @@ class AttnmapResult:
                 "axes": {"rows": "LM layer (block index, 0 = first block)", "cols": "vision token (positional)"},
                 "profile": self.profile.tolist(), "shown_tokens": self.shown.tolist(),
                 "skip_layers": self.config.skip_layers, "peak_layer": int(np.argmax(self.profile)),
-                "peak_layer_after_skip": int(self.config.skip_layers + np.argmax(self.profile[self.config.skip_layers:]))
-                if self.config.skip_layers < len(self.profile) else None}
+                "peak_layer_after_skip": self._peak_after_skip()}
+
+    def _peak_after_skip(self) -> int | None:
+        k = self.config.skip_layers
+        return int(k + np.argmax(self.profile[k:])) if k < len(self.profile) else None
 
 
 def attention_map(pm: Any, prompts: Any, query: str = "text", backend: str = "hf", batch_size: int = 8,
@@ -268,10 +271,10 @@ def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:
 def save_attnmap(result: AttnmapResult, out_dir: Path) -> Path:
     """``attention.npy [layers, V]``, ``attnmap.json`` (summary), ``config.json``, and the figures
     ``attention_all.png`` (Fig. 6), ``attention_skip{k}.png`` (Fig. 3) and ``profile.png``; atomically."""
+    import io
+
     from .plots import attention_heatmap, attention_profile_figure
     from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, run_metadata
-
-    import io
 
     out_dir = Path(out_dir)
     summary = result.summary()
@@ -293,12 +296,11 @@ def save_attnmap(result: AttnmapResult, out_dir: Path) -> Path:
 
 def load_attnmap(out_dir: Path) -> dict[str, Any]:
     """A saved result's summary (``attnmap.json``) with the array under ``"attention"``; no model is loaded."""
-    import json
+    from .runinfo import read_result_json
 
     out_dir = Path(out_dir)
-    path = out_dir / "attnmap.json"
-    if not path.is_file() or not (out_dir / "attention.npy").is_file():
-        raise InputError(f"{out_dir} holds no pg-attnmap result (attnmap.json / attention.npy missing)")
-    summary = json.loads(path.read_text())
+    summary = read_result_json(out_dir, "attnmap.json", "pg-attnmap")
+    if not (out_dir / "attention.npy").is_file():
+        raise InputError(f"{out_dir} holds no pg-attnmap result (attention.npy missing)")
     summary["attention"] = np.load(out_dir / "attention.npy")
     return summary

@@ -167,6 +167,19 @@ def _int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _vlm_run_args(p: argparse.ArgumentParser, d, out: str, seed_help: str) -> None:
+    """Options pg-attnmap and pg-recommend share: the pairs the prompts come from, and running."""
+    p.add_argument("--data", default=d.data, help="pairs: tuxpaint, coco, or a .jsonl/.csv (default: %(default)s)")
+    p.add_argument("--coco-root", default=None, help="COCO folder (annotations/, val2017/) for --data coco")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"{seed_help} (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--cache-dir", default=None, help="encoder-feature cache (default: <asset cache>/features)")
+    p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log loading")
+
+
 def attnmap_parser() -> argparse.ArgumentParser:
     from .attention import BACKENDS, QUERIES, AttnmapConfig
 
@@ -177,8 +190,6 @@ def attnmap_parser() -> argparse.ArgumentParser:
                     "(the paper's Fig. 3 / Fig. 6): head-averaged, averaged over query tokens and prompts.")
     p.add_argument("--vlm", default=d.vlm, help="pg-train run or model folder, or an HF LLaVA checkpoint "
                                                  "('llava' = llava-hf/llava-1.5-7b-hf) (default: %(default)s)")
-    p.add_argument("--data", default=d.data, help="pairs: tuxpaint, coco, or a .jsonl/.csv (default: %(default)s)")
-    p.add_argument("--coco-root", default=None, help="COCO folder (annotations/, val2017/) for --data coco")
     p.add_argument("--n", type=int, default=d.n, help="pairs, capped at what the data holds (default: %(default)s)")
     p.add_argument("--query", choices=QUERIES, default=d.query,
                    help="query rows: text = text after the image, last = the answer position (default: %(default)s)")
@@ -188,13 +199,7 @@ def attnmap_parser() -> argparse.ArgumentParser:
                    help="vision tokens shown in the figures, a seeded sample (default: %(default)s)")
     p.add_argument("--skip-layers", type=int, default=d.skip_layers,
                    help="first layers left out of the second figure (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="pair sample, distractors, shown tokens (default: 0)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--cache-dir", default=None, help="encoder-feature cache (default: <asset cache>/features)")
-    p.add_argument("--out", default="runs/attnmap", help="output folder (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true", help="log loading")
+    _vlm_run_args(p, d, "runs/attnmap", "pair sample, distractors, shown tokens")
     return p
 
 
@@ -243,8 +248,6 @@ def recommend_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", default=d.align, help="pg-align result folder, or 'none' (default: %(default)s)")
     p.add_argument("--attnmap", default=d.attnmap, help="pg-attnmap result folder, or 'none' (default: %(default)s)")
     p.add_argument("--no-probe", action="store_true", help="skip the training-free probe")
-    p.add_argument("--data", default=d.data, help="probe pairs: tuxpaint, coco, .jsonl/.csv (default: %(default)s)")
-    p.add_argument("--coco-root", default=None, help="COCO folder for --data coco")
     p.add_argument("--n", type=int, default=d.n, help="probe questions (default: %(default)s)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="candidate layers, e.g. 0,2,4,8 (default: 0-4, 6, 8, every 4th, N)")
@@ -257,13 +260,7 @@ def recommend_parser() -> argparse.ArgumentParser:
                    help="the probe's forward passes (default: %(default)s)")
     p.add_argument("--skip-layers", type=int, default=d.skip_layers,
                    help="first layers left out of the attention risk (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="probe pairs and distractors (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--cache-dir", default=None, help="encoder-feature cache (default: <asset cache>/features)")
-    p.add_argument("--out", default="runs/recommend", help="output folder (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true", help="log loading")
+    _vlm_run_args(p, d, "runs/recommend", "probe pairs and distractors")
     return p
 
 

@@ -28,7 +28,6 @@ retrained, not which L retrains well (README, "Choosing L").
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,12 +291,11 @@ def save_recommendation(rec: dict[str, Any], cfg: RecommendConfig, out_dir: Path
 
 
 def load_recommendation(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / "recommend.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir} holds no pg-recommend result (recommend.json missing)")
-    rec = json.loads(path.read_text())
+    from .runinfo import read_result_json
+
+    rec = read_result_json(out_dir, "recommend.json", "pg-recommend")
     if not isinstance(rec.get("recommended_layer"), int):
-        raise InputError(f"{path}: no recommended_layer")
+        raise InputError(f"{out_dir}/recommend.json: no recommended_layer")
     return rec
 
 

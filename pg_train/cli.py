@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pg_analysis.cli import _entry, run_cli
-
-
-def _int_list(value: str) -> list[int]:
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+from pg_analysis.cli import _entry, _int_list, run_cli
 
 
 def bench_parser() -> argparse.ArgumentParser:
