@@ -304,14 +304,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pg_analysis.assets import cache_root
     from pg_analysis.models import pick_runtime
 
-    from .vlm import load_vlm
+    from .probe import load_prompt_model
 
     run = Path(cfg.run)
     model_dir, run_cfg, data = _run_files(run, cfg.data_dir)
-    vlm = load_vlm(model_dir, runtime=pick_runtime(None, "float32"))
+    pm = load_prompt_model(run, runtime=pick_runtime(None, "float32"))
+    vlm, template, system = pm.vlm, pm.template, pm.system
     train_cfg = run_cfg.get("config", {})
-    template = run_cfg.get("template") or ("chat" if getattr(vlm.tokenizer, "chat_template", None) else "vicuna_v1")
-    system = train_cfg.get("system_prompt") if train_cfg else None
     manifest = json.loads((data / "manifest.json").read_text())
     root = manifest.get("image_root")
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
