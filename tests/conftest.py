@@ -97,3 +97,24 @@ def tiny_vlm_dir(tiny_models, tmp_path_factory) -> Path:
     vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=0, vision_pool=2, seed=1)
     vlm.save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_llava(tiny_models, tmp_path_factory):
+    """A tiny HF LlavaForConditionalGeneration (CLIP tower, Llama LM) saved with tokenizer and image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tok.add_tokens(["<image>"], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vc = CLIPVisionConfig.from_pretrained(tiny_models["clip"])
+    config = LlavaConfig(vision_config=vc, text_config=tiny_llama_config(vocab_size=len(tok)),
+                         image_token_index=image_id, image_seq_length=16)
+    model = LlavaForConditionalGeneration(config).eval()
+    folder = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(tiny_models["clip"]).save_pretrained(folder)
+    return folder, model

@@ -133,3 +133,18 @@ def test_pg_attnmap_end_to_end_and_bad_input(tiny_vlm_dir, tiny_pairs, tmp_path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(InputError):
         AttnmapConfig(backend="tl")
+
+
+def test_pg_attnmap_on_an_hf_llava_checkpoint(tiny_hf_llava, tiny_pairs, tmp_path):
+    """An HF LLaVA folder (the --vlm llava path): vicuna_v1 prompts, 16 CLIP patch tokens, both backends equal."""
+    from pg_analysis.attention import load_attnmap
+    from pg_analysis.cli import attnmap
+
+    folder, _ = tiny_hf_llava
+    for backend in ("hf", "nnsight"):
+        assert attnmap(["--vlm", str(folder), "--data", str(tiny_pairs), "--n", "6", "--backend", backend,
+                        "--out", str(tmp_path / backend), "--quiet"]) == 0
+    a, b = load_attnmap(tmp_path / "hf"), load_attnmap(tmp_path / "nnsight")
+    assert a["attention"].shape == (3, 16)
+    np.testing.assert_allclose(a["attention"], b["attention"], atol=1e-6)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["template"] == "vicuna_v1"

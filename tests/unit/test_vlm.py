@@ -11,24 +11,8 @@ N_LAYERS = 3  # tiny_llama_config
 
 
 @pytest.fixture(scope="module")
-def hf_llava(tiny_models, tmp_path_factory):
-    """A tiny HF LlavaForConditionalGeneration (CLIP tower, Llama LM) saved with tokenizer and image processor."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    tok.add_tokens(["<image>"], special_tokens=True)
-    image_id = tok.convert_tokens_to_ids("<image>")
-    vc = CLIPVisionConfig.from_pretrained(tiny_models["clip"])
-    config = LlavaConfig(vision_config=vc, text_config=tiny_llama_config(vocab_size=len(tok)),
-                         image_token_index=image_id, image_seq_length=16)
-    model = LlavaForConditionalGeneration(config).eval()
-    folder = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(tiny_models["clip"]).save_pretrained(folder)
-    return folder, model
+def hf_llava(tiny_hf_llava):
+    return tiny_hf_llava
 
 
 def _inputs(image_id, n_image_tokens, batch=2, seed=0):
