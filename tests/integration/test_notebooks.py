@@ -1,7 +1,6 @@
 """Execute every notebook in notebooks/ on the real offline assets, small (``PG_NOTEBOOK_SMALL=1``), so they
 never rot. Select with ``-m assets``."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,4 +25,5 @@ def test_notebook_runs(path, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    assert os.environ.get("PG_NOTEBOOK_SMALL") == "1"
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert outputs, "the notebook ran but produced no output"
