@@ -10,6 +10,10 @@
 - **Controls**, beside every accuracy: the same model with no image (the image placeholder removed) and with
   shuffled images (each question gets another test image's features, a derangement). An accuracy that survives
   shuffling is not grounding.
+- **Diagnostics** that say which part failed when MCQ accuracy is low: the same MCQ with the caption given as text
+  in place of the image (did the LM learn to read and answer?), and 4-way retrieval in the warm-up's own space —
+  cosine between an image's mean projected row and each option's LM representation at L (does the projector carry
+  the picture to where it is inserted?).
 - **Efficiency**: MCQ prefill latency at the model's L and at L=0 with the same weights, beside the
   FLOP-proportional prediction (:class:`~pg_train.bench.FlopModel`).
 """
@@ -30,9 +34,9 @@ from tqdm.auto import tqdm
 from pg_analysis.errors import InputError
 
 from .conversations import IMAGE_TOKEN, letter_token_ids
-from .datasets import LETTERS, Example, collate, image_features, load_llava_json, tokenize_records
+from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
 from .grounding import GroundedCache
-from .trainer import precision_context
+from .trainer import _image_prefix, caption_targets, precision_context
 from .vlm import VLM
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -97,6 +101,14 @@ def accuracy_record(correct: list[bool], predicted: list[str] | None = None) -> 
     if predicted is not None:
         rec["letters"] = {letter: predicted.count(letter) for letter in LETTERS}
     return rec
+
+
+def cosine_choices(queries: torch.Tensor, candidates: torch.Tensor, options: torch.Tensor) -> torch.Tensor:
+    """For each question ``i``, the index (0..K-1) of the option whose candidate row is most cosine-similar to
+    ``queries[i]``. ``queries [n, d]``, ``candidates [m, d]``, ``options [n, K]`` (indices into ``candidates``)."""
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)
+    c = torch.nn.functional.normalize(candidates.float(), dim=-1)
+    return torch.einsum("nd,nkd->nk", q, c[options]).argmax(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +195,32 @@ class Evaluator:
         logits = self.last_logits(self._prompts(records, control))[:, self.letter_ids]
         pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
         return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+
+    def text_mcq(self) -> dict[str, Any]:
+        """MCQ with the caption as text in place of the image (``Picture: <caption>.``, the text-first format)."""
+        records = [r for r in self.records["mcq"] if text_first(r) is not None]
+        exs = tokenize_records([text_first(r) for r in records], self.vlm.tokenizer, self.template,
+                               self.model.config.image_token_index, self.model.num_image_tokens, {}, generation=True,
+                               system=self.system)
+        logits = self.last_logits(exs)[:, self.letter_ids]
+        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
+        return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+
+    @torch.no_grad()
+    def warmup_retrieval(self) -> dict[str, Any]:
+        """4-way MCQ answered by cosine between the image's mean projected row and each option's mean LM state at
+        the insertion point (:func:`~pg_train.trainer.caption_targets`): the stage-0 objective, on held-out images."""
+        records = [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
+        captions = sorted({o for r in records for o in r["options"]})
+        index = {c: i for i, c in enumerate(captions)}
+        prefix = _image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
+        targets, _ = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
+        with precision_context(self.cfg.precision, self.device):
+            pooled = self.model.project(self.features[:, 0].to(self.device)).float().mean(1).cpu()
+        images = torch.tensor([self.image_index[r["image_path"]] for r in records])
+        options = torch.tensor([[index[o] for o in r["options"]] for r in records])
+        pred = cosine_choices(pooled[images], targets, options).tolist()
+        return accuracy_record([LETTERS[i] == r["answer"] for i, r in zip(pred, records)])
 
     @torch.no_grad()
     def _candidate_scores(self, prompt: Example, candidates: list[list[int]]) -> torch.Tensor:
@@ -323,6 +361,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for control in CONTROLS:
         result["mcq"][control] = ev.mcq(control)
         result["rank4"][control] = ev.ranking(control, "options")
+    result["diagnostics"] = {"text_mcq": ev.text_mcq(), "warmup_rank4": ev.warmup_retrieval()}
     if cfg.rank_all:
         result["rank_all"] = {"image": ev.ranking("image", "all")}
     if cfg.generate:
@@ -341,7 +380,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def format_results(results: dict[str, dict[str, Any]]) -> str:
     """One row per model: MCQ (with controls), 4-way and all-caption ranking, generation, efficiency, training."""
     head = ("model", "L", "MCQ [95% CI]", "no-img", "shuffled", "letters A/B/C/D", "rank4", "r4 no-img",
-            "r4 shuf", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
+            "r4 shuf", "text MCQ", "warm-up r4", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
     rows = [head]
     for name, r in results.items():
         m = r["mcq"]
@@ -353,6 +392,8 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
                      f"{m['no_image']['accuracy']:.3f}", f"{m['shuffled']['accuracy']:.3f}", letters,
                      f"{r['rank4']['image']['accuracy']:.3f}", f"{r['rank4']['no_image']['accuracy']:.3f}",
                      f"{r['rank4']['shuffled']['accuracy']:.3f}",
+                     *(f"{r['diagnostics'][k]['accuracy']:.3f}" if "diagnostics" in r else "-"
+                       for k in ("text_mcq", "warmup_rank4")),
                      f"{r['rank_all']['image']['accuracy']:.3f}" if "rank_all" in r else "-",
                      f"{r['generation']['rouge_l']:.3f}" if "generation" in r else "-",
                      f"{eff['measured_ratio']:.2f} ({eff['predicted_ratio']:.2f})" if eff else "-",

@@ -77,7 +77,7 @@ class TrainConfig:
     system_prompt: str | None = "Answer about the image."  # None: the template's default (SmolLM2's is 20 tokens)
     max_length: int = 256
     scale_match: bool = True
-    stage0_steps: int = 300
+    stage0_steps: int = 50  # more overfits: held-out warm-up retrieval 0.57 at 50 steps, 0.41 at 300 (README)
     stage0_lr: float = 1e-3
     tau: float = 0.07
     stage1_steps: int = 100

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from pg_train.evaluate import derangement, exact_match, rouge_l, wilson_interval
+from pg_train.evaluate import cosine_choices, derangement, exact_match, rouge_l, wilson_interval
 
 
 def test_wilson_interval():
@@ -24,3 +25,11 @@ def test_rouge_l_and_exact_match():
 def test_derangement_has_no_fixed_point(n):
     p = derangement(n, seed=n)
     assert sorted(p) == list(range(n)) and not np.any(p == np.arange(n))
+
+
+def test_cosine_choices_picks_the_most_similar_option_by_direction_not_norm():
+    candidates = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [100.0, 90.0]])
+    queries = torch.tensor([[0.1, 1.0], [2.0, 0.1], [-3.0, 0.0]])
+    options = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
+    # row 0: [0, 1] wins over the long [100, 90]; row 1: [1, 0] at position 3; row 2: [-1, 0] at position 3
+    assert cosine_choices(queries, candidates, options).tolist() == [1, 3, 3]

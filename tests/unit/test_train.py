@@ -159,6 +159,10 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
         lo, hi = result["mcq"][control]["ci95"]
         assert lo <= result["mcq"][control]["accuracy"] <= hi
         assert result["rank4"][control]["n"] == n_test
+    for diagnostic in ("text_mcq", "warmup_rank4"):
+        d = result["diagnostics"][diagnostic]
+        assert d["n"] == 4 * n_test and 0 <= d["accuracy"] <= 1
+    assert sum(result["diagnostics"]["text_mcq"]["letters"].values()) == 4 * n_test
     assert result["rank_all"]["image"]["candidates"] == n_test
     assert 0 <= result["generation"]["rouge_l"] <= 1
     assert result["efficiency"]["predicted_ratio"] < 1
