@@ -36,7 +36,7 @@ from pg_analysis.errors import InputError
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
 from .grounding import GroundedCache
-from .trainer import _image_prefix, caption_targets, precision_context
+from .trainer import image_prefix, caption_targets, precision_context
 from .vlm import VLM
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -198,8 +198,9 @@ class Evaluator:
 
     def text_mcq(self) -> dict[str, Any]:
         """MCQ with the caption as text in place of the image (``Picture: <caption>.``, the text-first format)."""
-        records = [r for r in self.records["mcq"] if text_first(r) is not None]
-        exs = tokenize_records([text_first(r) for r in records], self.vlm.tokenizer, self.template,
+        pairs = [(r, t) for r in self.records["mcq"] if (t := text_first(r)) is not None]
+        records = [r for r, _ in pairs]
+        exs = tokenize_records([t for _, t in pairs], self.vlm.tokenizer, self.template,
                                self.model.config.image_token_index, self.model.num_image_tokens, {}, generation=True,
                                system=self.system)
         logits = self.last_logits(exs)[:, self.letter_ids]
@@ -213,7 +214,7 @@ class Evaluator:
         records = [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
         captions = sorted({o for r in records for o in r["options"]})
         index = {c: i for i, c in enumerate(captions)}
-        prefix = _image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
+        prefix = image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
         targets, _ = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
         with precision_context(self.cfg.precision, self.device):
             pooled = self.model.project(self.features[:, 0].to(self.device)).float().mean(1).cpu()

@@ -297,7 +297,7 @@ def caption_targets(vlm: VLM, captions: list[str], layer: int, prefix: list[int]
     return torch.cat(means), float(torch.cat(norms).median())
 
 
-def _image_prefix(examples: list[Example], image_token_id: int) -> list[int]:
+def image_prefix(examples: list[Example], image_token_id: int) -> list[int]:
     """The token ids before the first image token of the first example that has one."""
     for e in examples:
         if image_token_id in e.input_ids:
@@ -359,7 +359,7 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
         elif r.get("image_path") and r["conversations"][-1]["from"] == "gpt":
             caption_of.setdefault(r["image_path"], r["conversations"][-1]["value"])
     captions = [caption_of.get(p, "") or "image" for p in paths]
-    prefix = _image_prefix(ex2 or ex1, model.config.image_token_index)
+    prefix = image_prefix(ex2 or ex1, model.config.image_token_index)
     targets, median_norm = caption_targets(vlm, captions, cfg.layer, prefix)
     return Prepared(vlm, features, image_index, ex1, ex2, ex2_text, targets, median_norm, manifest)
 
