@@ -11,9 +11,10 @@
   shuffled images (each question gets another test image's features, a derangement). An accuracy that survives
   shuffling is not grounding.
 - **Diagnostics** that say which part failed when MCQ accuracy is low: the same MCQ with the caption given as text
-  in place of the image (did the LM learn to read and answer?), and 4-way retrieval in the warm-up's own space —
-  cosine between an image's mean projected row and each option's LM representation at L (does the projector carry
-  the picture to where it is inserted?).
+  in place of the image (did the LM learn to read and answer?); with the caption's LM representation at L put in
+  the vision rows (does the LM read a caption placed where the picture goes?); and 4-way retrieval in the warm-up's
+  own space — cosine between an image's mean projected row and each option's LM representation at L (does the
+  projector carry the picture to where it is inserted?).
 - **Efficiency**: MCQ prefill latency at the model's L and at L=0 with the same weights, beside the
   FLOP-proportional prediction (:class:`~pg_train.bench.FlopModel`).
 """
@@ -36,7 +37,7 @@ from pg_analysis.errors import InputError
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
 from .grounding import GroundedCache
-from .trainer import image_prefix, caption_targets, precision_context
+from .trainer import caption_targets, image_prefix, precision_context
 from .vlm import VLM
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -101,6 +102,12 @@ def accuracy_record(correct: list[bool], predicted: list[str] | None = None) -> 
     if predicted is not None:
         rec["letters"] = {letter: predicted.count(letter) for letter in LETTERS}
     return rec
+
+
+def caption_rows(targets: torch.Tensor, n_rows: int, norm: float) -> torch.Tensor:
+    """Stand-in vision rows made from text: each caption representation ``[N, d]`` rescaled to ``norm`` and
+    repeated over ``n_rows`` rows → ``[N, n_rows, d]``."""
+    return (torch.nn.functional.normalize(targets.float(), dim=-1) * norm)[:, None].expand(-1, n_rows, -1)
 
 
 def cosine_choices(queries: torch.Tensor, candidates: torch.Tensor, options: torch.Tensor) -> torch.Tensor:
@@ -181,12 +188,21 @@ class Evaluator:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
-    def last_logits(self, exs: list[Example]) -> torch.Tensor:
-        """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each)."""
+    def last_logits(self, exs: list[Example], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each).
+        ``rows [n, P, d]``: vision rows to put in place of the projected images (every prompt has one image)."""
         out = []
         for start in range(0, len(exs), self.cfg.batch_size):
+            batch = self._batch(exs[start:start + self.cfg.batch_size])
             with precision_context(self.cfg.precision, self.device):
-                logits = self.model(**self._batch(exs[start:start + self.cfg.batch_size]), logits_to_keep=1).logits
+                if rows is None:
+                    logits = self.model(**batch, logits_to_keep=1).logits
+                else:
+                    batch.pop("vision_features")
+                    embeds, vmask = self.model.embed(batch["input_ids"],
+                                                     rows[start:start + self.cfg.batch_size].to(self.device))
+                    logits = self.model(inputs_embeds=embeds, vision_mask=vmask,
+                                        attention_mask=batch["attention_mask"], logits_to_keep=1).logits
             out.append(logits[:, -1].float().cpu())
         return torch.cat(out)
 
@@ -204,6 +220,21 @@ class Evaluator:
                                self.model.config.image_token_index, self.model.num_image_tokens, {}, generation=True,
                                system=self.system)
         logits = self.last_logits(exs)[:, self.letter_ids]
+        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
+        return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+
+    @torch.no_grad()
+    def slot_mcq(self) -> dict[str, Any]:
+        """MCQ with each image's rows replaced by its caption's mean LM state at L (:func:`caption_rows`, at the
+        median token norm there): does the LM read a caption put where the vision rows go?"""
+        records = [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
+        exs = self._prompts(records, "image")
+        captions = sorted({r["caption"] for r in records})
+        prefix = image_prefix(exs[:1], self.model.config.image_token_index)
+        targets, norm = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
+        index = {c: i for i, c in enumerate(captions)}
+        rows = caption_rows(targets[[index[r["caption"]] for r in records]], self.model.num_image_tokens, norm)
+        logits = self.last_logits(exs, rows)[:, self.letter_ids]
         pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
         return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
 
@@ -362,7 +393,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for control in CONTROLS:
         result["mcq"][control] = ev.mcq(control)
         result["rank4"][control] = ev.ranking(control, "options")
-    result["diagnostics"] = {"text_mcq": ev.text_mcq(), "warmup_rank4": ev.warmup_retrieval()}
+    result["diagnostics"] = {"text_mcq": ev.text_mcq(), "slot_mcq": ev.slot_mcq(),
+                             "warmup_rank4": ev.warmup_retrieval()}
     if cfg.rank_all:
         result["rank_all"] = {"image": ev.ranking("image", "all")}
     if cfg.generate:
@@ -381,7 +413,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def format_results(results: dict[str, dict[str, Any]]) -> str:
     """One row per model: MCQ (with controls), 4-way and all-caption ranking, generation, efficiency, training."""
     head = ("model", "L", "MCQ [95% CI]", "no-img", "shuffled", "letters A/B/C/D", "rank4", "r4 no-img",
-            "r4 shuf", "text MCQ", "warm-up r4", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
+            "r4 shuf", "text MCQ", "slot MCQ", "warm-up r4", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
     rows = [head]
     for name, r in results.items():
         m = r["mcq"]
@@ -393,8 +425,8 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
                      f"{m['no_image']['accuracy']:.3f}", f"{m['shuffled']['accuracy']:.3f}", letters,
                      f"{r['rank4']['image']['accuracy']:.3f}", f"{r['rank4']['no_image']['accuracy']:.3f}",
                      f"{r['rank4']['shuffled']['accuracy']:.3f}",
-                     *(f"{r['diagnostics'][k]['accuracy']:.3f}" if "diagnostics" in r else "-"
-                       for k in ("text_mcq", "warmup_rank4")),
+                     *(f"{r['diagnostics'][k]['accuracy']:.3f}" if k in r.get("diagnostics", {}) else "-"
+                       for k in ("text_mcq", "slot_mcq", "warmup_rank4")),
                      f"{r['rank_all']['image']['accuracy']:.3f}" if "rank_all" in r else "-",
                      f"{r['generation']['rouge_l']:.3f}" if "generation" in r else "-",
                      f"{eff['measured_ratio']:.2f} ({eff['predicted_ratio']:.2f})" if eff else "-",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pg_train.evaluate import cosine_choices, derangement, exact_match, rouge_l, wilson_interval
+from pg_train.evaluate import caption_rows, cosine_choices, derangement, exact_match, rouge_l, wilson_interval
 
 
 def test_wilson_interval():
@@ -33,3 +33,10 @@ def test_cosine_choices_picks_the_most_similar_option_by_direction_not_norm():
     options = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
     # row 0: [0, 1] wins over the long [100, 90]; row 1: [1, 0] at position 3; row 2: [-1, 0] at position 3
     assert cosine_choices(queries, candidates, options).tolist() == [1, 3, 3]
+
+
+def test_caption_rows_repeat_the_direction_at_the_given_norm():
+    t = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    rows = caption_rows(t, 3, 10.0)
+    assert rows.shape == (2, 3, 2)
+    assert torch.allclose(rows[0], torch.tensor([[6.0, 8.0]] * 3)) and torch.allclose(rows[1], torch.tensor([[0.0, -10.0]] * 3))

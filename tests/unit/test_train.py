@@ -159,15 +159,36 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
         lo, hi = result["mcq"][control]["ci95"]
         assert lo <= result["mcq"][control]["accuracy"] <= hi
         assert result["rank4"][control]["n"] == n_test
-    for diagnostic in ("text_mcq", "warmup_rank4"):
+    for diagnostic in ("text_mcq", "slot_mcq", "warmup_rank4"):
         d = result["diagnostics"][diagnostic]
         assert d["n"] == 4 * n_test and 0 <= d["accuracy"] <= 1
-    assert sum(result["diagnostics"]["text_mcq"]["letters"].values()) == 4 * n_test
+    for diagnostic in ("text_mcq", "slot_mcq"):
+        assert sum(result["diagnostics"][diagnostic]["letters"].values()) == 4 * n_test
     assert result["rank_all"]["image"]["candidates"] == n_test
     assert 0 <= result["generation"]["rouge_l"] <= 1
     assert result["efficiency"]["predicted_ratio"] < 1
     assert (out / "eval" / "letters.png").is_file()
     assert "MCQ" in capsys.readouterr().out
+
+
+def test_rows_put_in_by_hand_equal_the_image_path(tiny_run):
+    """The slot-MCQ diagnostic's path (rows handed to the model) gives the image path's logits for the projected
+    rows, so the diagnostic differs from MCQ only in what the rows hold."""
+    from pg_train.evaluate import EvalConfig, Evaluator
+    from pg_train.probe import load_prompt_model
+
+    out, _ = tiny_run
+    pm = load_prompt_model(out)
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
+               for t in ("mcq", "what")}
+    ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
+                   out.parent / "features")
+    exs = ev._prompts(records["mcq"][:5], "image")
+    with torch.no_grad():
+        rows = ev.model.project(ev.features[[e.image for e in exs], 0])
+    assert torch.allclose(ev.last_logits(exs, rows), ev.last_logits(exs), atol=1e-5)
+    assert (ev.last_logits(exs, rows.roll(1, 0)) - ev.last_logits(exs)).abs().max() > 1e-5  # the rows are read
 
 
 def test_lora_stage_two_saves_a_plain_merged_model(tiny_models, tiny_pairs, tmp_path):
