@@ -172,6 +172,7 @@ class Evaluator:
         self.features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
         self.perm = derangement(len(paths), cfg.seed)
         self.letter_ids = letter_token_ids(vlm.tokenizer, template)
+        self._option_targets: tuple[dict[str, int], torch.Tensor, float] | None = None
 
     def _prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
         recs = [_strip_image(r) for r in records] if control == "no_image" else records
@@ -208,9 +209,7 @@ class Evaluator:
 
     def mcq(self, control: str) -> dict[str, Any]:
         records = self.records["mcq"]
-        logits = self.last_logits(self._prompts(records, control))[:, self.letter_ids]
-        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
-        return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+        return self._letter_accuracy(self.last_logits(self._prompts(records, control)), records)
 
     def text_mcq(self) -> dict[str, Any]:
         """MCQ with the caption as text in place of the image (``Picture: <caption>.``, the text-first format)."""
@@ -219,34 +218,44 @@ class Evaluator:
         exs = tokenize_records([t for _, t in pairs], self.vlm.tokenizer, self.template,
                                self.model.config.image_token_index, self.model.num_image_tokens, {}, generation=True,
                                system=self.system)
-        logits = self.last_logits(exs)[:, self.letter_ids]
-        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
+        return self._letter_accuracy(self.last_logits(exs), records)
+
+    def _letter_accuracy(self, logits: torch.Tensor, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Accuracy and letter histogram of the option letter with the highest logit (``logits [n, V]``)."""
+        pred = [LETTERS[i] for i in logits[:, self.letter_ids].argmax(1).tolist()]
         return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+
+    def _image_questions(self) -> list[dict[str, Any]]:
+        return [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
+
+    @torch.no_grad()
+    def option_targets(self) -> tuple[dict[str, int], torch.Tensor, float]:
+        """Every option's mean LM state at the insertion point, after the prompt text that precedes the image
+        (:func:`~pg_train.trainer.caption_targets`): ``(index by caption, [n, d], median token norm)``.
+        Computed once; the slot MCQ and the warm-up retrieval share it."""
+        if self._option_targets is None:
+            records = self._image_questions()
+            captions = sorted({o for r in records for o in r["options"]})
+            prefix = image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
+            targets, norm = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
+            self._option_targets = ({c: i for i, c in enumerate(captions)}, targets, norm)
+        return self._option_targets
 
     @torch.no_grad()
     def slot_mcq(self) -> dict[str, Any]:
         """MCQ with each image's rows replaced by its caption's mean LM state at L (:func:`caption_rows`, at the
         median token norm there): does the LM read a caption put where the vision rows go?"""
-        records = [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
-        exs = self._prompts(records, "image")
-        captions = sorted({r["caption"] for r in records})
-        prefix = image_prefix(exs[:1], self.model.config.image_token_index)
-        targets, norm = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
-        index = {c: i for i, c in enumerate(captions)}
+        records = self._image_questions()
+        index, targets, norm = self.option_targets()
         rows = caption_rows(targets[[index[r["caption"]] for r in records]], self.model.num_image_tokens, norm)
-        logits = self.last_logits(exs, rows)[:, self.letter_ids]
-        pred = [LETTERS[i] for i in logits.argmax(1).tolist()]
-        return accuracy_record([p == r["answer"] for p, r in zip(pred, records)], pred)
+        return self._letter_accuracy(self.last_logits(self._prompts(records, "image"), rows), records)
 
     @torch.no_grad()
     def warmup_retrieval(self) -> dict[str, Any]:
         """4-way MCQ answered by cosine between the image's mean projected row and each option's mean LM state at
         the insertion point (:func:`~pg_train.trainer.caption_targets`): the stage-0 objective, on held-out images."""
-        records = [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
-        captions = sorted({o for r in records for o in r["options"]})
-        index = {c: i for i, c in enumerate(captions)}
-        prefix = image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
-        targets, _ = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
+        records = self._image_questions()
+        index, targets, _ = self.option_targets()
         with precision_context(self.cfg.precision, self.device):
             pooled = self.model.project(self.features[:, 0].to(self.device)).float().mean(1).cpu()
         images = torch.tensor([self.image_index[r["image_path"]] for r in records])
@@ -413,7 +422,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def format_results(results: dict[str, dict[str, Any]]) -> str:
     """One row per model: MCQ (with controls), 4-way and all-caption ranking, generation, efficiency, training."""
     head = ("model", "L", "MCQ [95% CI]", "no-img", "shuffled", "letters A/B/C/D", "rank4", "r4 no-img",
-            "r4 shuf", "text MCQ", "slot MCQ", "warm-up r4", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s", "RSS MiB")
+            "r4 shuf", "text MCQ", "slot MCQ", "warm-up r4", "rank-all", "ROUGE-L", "prefill ×L0 (pred)", "train s",
+            "RSS MiB")
     rows = [head]
     for name, r in results.items():
         m = r["mcq"]

@@ -39,4 +39,5 @@ def test_caption_rows_repeat_the_direction_at_the_given_norm():
     t = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
     rows = caption_rows(t, 3, 10.0)
     assert rows.shape == (2, 3, 2)
-    assert torch.allclose(rows[0], torch.tensor([[6.0, 8.0]] * 3)) and torch.allclose(rows[1], torch.tensor([[0.0, -10.0]] * 3))
+    assert torch.allclose(rows[0], torch.tensor([[6.0, 8.0]] * 3))
+    assert torch.allclose(rows[1], torch.tensor([[0.0, -10.0]] * 3))
