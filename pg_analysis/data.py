@@ -45,11 +45,17 @@ def _dataset(rows: list[dict[str, Any]], source: str):
     return Dataset.from_list(rows)
 
 
-def tuxpaint_rows(root: Path) -> list[dict[str, Any]]:
+def tuxpaint_rows(root: Path, subset: str = "photos") -> list[dict[str, Any]]:
+    """Captioned Tux Paint stamps. ``subset``: ``photos`` (the default set: everything outside
+    :data:`EXCLUDED_TUXPAINT_DIRS`) or ``cartoon`` (the drawings in ``cartoon/`` folders, symbols excluded)."""
+    if subset not in ("photos", "cartoon"):
+        raise InputError(f"Tux Paint subset must be photos or cartoon, got {subset!r}")
+    excluded = set(EXCLUDED_TUXPAINT_DIRS) - ({"cartoon"} if subset == "cartoon" else set())
     rows = []
     for png in sorted(root.rglob("*.png")):
         rel = png.relative_to(root)
-        if any(part in EXCLUDED_TUXPAINT_DIRS for part in rel.parts[:-1]):
+        dirs = rel.parts[:-1]
+        if excluded.intersection(dirs) or (subset == "cartoon" and "cartoon" not in dirs):
             continue
         txt = png.with_suffix(".txt")
         if not txt.is_file():
@@ -63,9 +69,9 @@ def tuxpaint_rows(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_tuxpaint(root: Path | None = None):
+def load_tuxpaint(root: Path | None = None, subset: str = "photos"):
     root = Path(root) if root else assets.ensure_asset("tuxpaint")
-    return _dataset(tuxpaint_rows(root), "tuxpaint")
+    return _dataset(tuxpaint_rows(root, subset), "tuxpaint" if subset == "photos" else f"tuxpaint-{subset}")
 
 
 def load_pairs_file(path: Path):
@@ -124,9 +130,12 @@ def load_wit1024():
 
 
 def load_pairs(name: str, coco_root: str | None = None):
-    """A source name (``tuxpaint``, ``wit1024``, ``coco``) or a ``.jsonl``/``.csv`` path → Dataset."""
+    """A source name (``tuxpaint``, ``tuxpaint-cartoon``, ``wit1024``, ``coco``) or a ``.jsonl``/``.csv`` path →
+    Dataset."""
     if name == "tuxpaint":
         return load_tuxpaint()
+    if name == "tuxpaint-cartoon":
+        return load_tuxpaint(subset="cartoon")
     if name == "wit1024":
         return load_wit1024()
     if name == "coco":
@@ -135,7 +144,8 @@ def load_pairs(name: str, coco_root: str | None = None):
         return load_coco(Path(coco_root))
     if name.endswith((".jsonl", ".csv")):
         return load_pairs_file(Path(name))
-    raise InputError(f"unknown data source {name!r}: use tuxpaint, wit1024, coco, or a .jsonl/.csv file")
+    raise InputError(f"unknown data source {name!r}: use tuxpaint, tuxpaint-cartoon, wit1024, coco, or a "
+                     ".jsonl/.csv file")
 
 
 def select(ds, n: int | None, seed: int = 0):

@@ -138,6 +138,8 @@ def register_dataset(entry: DatasetEntry) -> DatasetEntry:
 
 register_dataset(DatasetEntry("tuxpaint", "Tux Paint stamps: photographic PNGs with English captions (offline)",
                               asset="tuxpaint"))
+register_dataset(DatasetEntry("tuxpaint-cartoon", "Tux Paint cartoon drawings with English captions (offline; "
+                              "extra training pictures for pg-train)", asset="tuxpaint"))
 register_dataset(DatasetEntry("wit1024", "1024 WIT image–caption pairs used by Huh et al.",
                               hub_id="minhuh/prh", revision="wit_1024"))
 register_dataset(DatasetEntry("coco", "COCO-2017 captions (needs --coco-root)"))

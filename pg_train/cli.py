@@ -79,6 +79,9 @@ _TRAIN_HELP = {
     "projector": "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)",
     "data": "image-caption pairs the instruction data is built from (tuxpaint, a .jsonl/.csv), or llava to train on "
             "--stage1-data/--stage2-data (default: %(default)s)",
+    "extra_train": "more image-caption pairs for the training split only (a pairs source or .jsonl/.csv); pairs "
+                   "sharing a val/test caption are left out; auto: tuxpaint-cartoon (108 drawings) when --data is "
+                   "tuxpaint, else none; none: off (default: %(default)s)",
     "stage1_data": "LLaVA JSON for stage 1 (captioning)",
     "stage2_data": "LLaVA JSON for stage 2 (instructions)",
     "image_root": "folder the JSON's image paths are relative to (default: the JSON's folder)",
@@ -106,6 +109,8 @@ _TRAIN_HELP = {
     "weight_decay": "AdamW weight decay (default: %(default)s)",
     "max_grad_norm": "gradient clipping norm; 0 disables (default: %(default)s)",
     "precision": "bf16 (autocast) or fp32 (default: %(default)s)",
+    "attention": "LM attention kernel: auto (eager on CPU, measured faster there; sdpa elsewhere), eager or sdpa "
+                 "(default: %(default)s)",
     "gradient_checkpointing": "recompute decoder layers in the backward pass to save memory (default: %(default)s)",
     "checkpoint_every": "save a checkpoint every N steps (and at each stage end) (default: %(default)s)",
     "seed": "seed of data order, augmentation and initialisation (default: %(default)s)",

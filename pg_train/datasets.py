@@ -106,7 +106,7 @@ def split_ids(ids: list[str], seed: int, val_frac: float, test_frac: float) -> d
 
 
 def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: float = 0.05, test_frac: float = 0.23,
-                                pairs: Any = None) -> dict[str, Any]:
+                                pairs: Any = None, extra_train: Any = None) -> dict[str, Any]:
     """Write the offline instruction data (LLaVA JSON) from image–caption pairs (default: the Tux Paint stamps;
     any ``pg_analysis.data`` pairs dataset) into ``out_dir``.
 
@@ -114,18 +114,30 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
     image, the correct option rotated over A–D, three distractor captions drawn from the same split) and
     ``{split}_what.json`` ("What is this?" → caption). Images are split, never questions; captions that repeat
     (case-insensitive) are never options of the same question. Deterministic in ``seed``.
+    ``extra_train``: more pairs (e.g. ``tuxpaint-cartoon``) added to the training split only; the split of ``pairs``
+    is unchanged, and an extra pair whose caption (case-insensitive) is a val or test caption, or whose id is
+    already taken, is left out (counted in ``manifest["extra_train"]``).
     Image paths are relative to ``manifest["image_root"]``. Returns the manifest, also written to ``manifest.json``.
     """
     from pg_analysis.data import load_tuxpaint
 
     ds = pairs if pairs is not None else load_tuxpaint()
     rows = {r["id"]: r for r in ds}
-    image_root = Path(os.path.commonpath([str(Path(r["image"]).parent) for r in rows.values()]))
     splits = split_ids(list(rows), seed, val_frac, test_frac)
+    extra_info = None
+    if extra_train is not None:
+        held_out = {rows[i]["caption"].strip().lower() for s in ("val", "test") for i in splits[s]}
+        added = [r for r in extra_train if r["id"] not in rows and r["caption"].strip().lower() not in held_out]
+        extra_info = {"offered": len(extra_train), "added": len(added), "left_out": len(extra_train) - len(added)}
+        rows.update({r["id"]: r for r in added})
+        splits["train"] = sorted(splits["train"] + [r["id"] for r in added])
+    image_root = Path(os.path.commonpath([str(Path(r["image"]).parent) for r in rows.values()]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"image_root": str(image_root), "seed": seed, "val_frac": val_frac, "test_frac": test_frac, "files": {},
-                                "counts": {}}
+    manifest: dict[str, Any] = {"image_root": str(image_root), "seed": seed, "val_frac": val_frac,
+                                "test_frac": test_frac, "files": {}, "counts": {}}
+    if extra_info is not None:
+        manifest["extra_train"] = extra_info
     for s_i, (split, ids) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, s_i])
         caption_of = {i: rows[i]["caption"].strip() for i in ids}

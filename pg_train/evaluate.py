@@ -38,7 +38,7 @@ from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
 from .grounding import GroundedCache
 from .trainer import caption_targets, image_prefix, precision_context
-from .vlm import VLM
+from .vlm import VLM, use_attention
 
 CONTROLS = ("image", "no_image", "shuffled")
 
@@ -166,6 +166,7 @@ class Evaluator:
         self.vlm, self.template, self.system, self.cfg = vlm, template, system, cfg
         self.model = vlm.model
         self.device = self.model.device
+        self.attention = use_attention(self.model, "auto")
         self.records = records
         paths = sorted({r["image_path"] for rs in records.values() for r in rs if r.get("image_path")})
         self.image_index = {p: i for i, p in enumerate(paths)}
@@ -398,7 +399,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ev = Evaluator(vlm, template, system, records, cfg, cache_dir)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"model": str(model_dir), "insert_layer": vlm.model.insert_layer, "split": cfg.split,
-                              "template": template, "n_images": len(records["what"]), "mcq": {}, "rank4": {}}
+                              "template": template, "attention": ev.attention, "n_images": len(records["what"]),
+                              "mcq": {}, "rank4": {}}
     for control in CONTROLS:
         result["mcq"][control] = ev.mcq(control)
         result["rank4"][control] = ev.ranking(control, "options")

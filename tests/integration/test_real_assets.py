@@ -36,6 +36,9 @@ def test_tuxpaint_pairs(ready):
     assert len(ds) == 430
     assert not any(c in ("symbols",) for c in ds["category"])
     assert "A red kangaroo." in ds["caption"]
+    cartoon = load_tuxpaint(subset="cartoon")
+    assert len(cartoon) == 108 and all("/cartoon/" in f"/{i}" for i in cartoon["id"])
+    assert not set(cartoon["id"]) & set(ds["id"])
 
 
 def test_real_pair_beats_shuffled_null(ready, tmp_path):

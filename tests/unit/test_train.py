@@ -38,6 +38,30 @@ def test_builder_is_deterministic_and_splits_by_image(pairs, tmp_path):
     assert (tmp_path / "c" / c["files"]["test_mcq"]).read_text() != (tmp_path / "a" / a["files"]["test_mcq"]).read_text()
 
 
+def test_extra_train_pairs_join_only_the_training_split(pairs, tmp_path):
+    base = build_tuxpaint_instructions(tmp_path / "a", seed=3, pairs=pairs)
+    test_caption = json.loads((tmp_path / "a" / "test_caption.json").read_text())[0]["caption"]
+    extra = [dict(pairs[0], id="extra/0", caption="a purple kite ."),
+             dict(pairs[1], id="extra/1", caption=test_caption.upper()),  # shares a test caption: left out
+             dict(pairs[2], id=pairs[2]["id"], caption="a taken id .")]  # id already used: left out
+    m = build_tuxpaint_instructions(tmp_path / "b", seed=3, pairs=pairs, extra_train=extra)
+    assert m["extra_train"] == {"offered": 3, "added": 1, "left_out": 2}
+    for split in ("val", "test"):  # held-out splits are byte-identical to the build without extras
+        for task in ("caption", "mcq", "what"):
+            name = f"{split}_{task}.json"
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    train = json.loads((tmp_path / "b" / "train_caption.json").read_text())
+    assert len(train) == base["counts"]["train_caption"] + 1
+    assert [r["caption"] for r in train if r["image_id"] == "extra/0"] == ["a purple kite ."]
+    assert m["counts"]["train_mcq"] == 4 * len(train)
+    with pytest.raises(InputError, match="does not apply to --data llava"):
+        TrainConfig(data="llava", stage2_data="s2.json", extra_train="tuxpaint-cartoon")
+    assert TrainConfig(data="llava", stage2_data="s2.json").extra_pairs() is None  # auto: only the Tux Paint builder gets the drawings
+    assert TrainConfig(data="pairs.jsonl").extra_pairs() is None
+    assert TrainConfig().extra_pairs() == "tuxpaint-cartoon"
+    assert TrainConfig(extra_train="none").extra_pairs() is None
+
+
 def test_llava_json_missing_image_is_a_clear_error(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"id": "x", "image": "nope.png", "conversations": []}]))
     with pytest.raises(InputError, match="nope.png not found"):

@@ -130,3 +130,24 @@ def test_pool_patch_grid_averages_square_blocks():
     assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
     with pytest.raises(InputError):
         pool_patch_grid(torch.zeros(1, 15, 1), 2)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_attention_kernels_agree_and_auto_picks_eager_on_cpu(built, layer):
+    from pg_train.vlm import use_attention
+
+    model = built.model
+    model.set_insert_layer(layer)
+    ids, mask, px = _inputs(built.image_token_id, 4, seed=7)  # left-padded: the explicit mask matters
+    logits = {}
+    try:
+        for kernel in ("sdpa", "eager"):
+            assert use_attention(model, kernel) == kernel
+            with torch.no_grad():
+                logits[kernel] = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits[mask.bool()]
+        assert use_attention(model, "auto") == "eager"
+        with pytest.raises(InputError, match="attention must be one of"):
+            use_attention(model, "flash")
+    finally:
+        use_attention(model, "sdpa")
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=1e-5, rtol=1e-5)
