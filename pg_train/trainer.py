@@ -339,8 +339,9 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
     if cfg.data != "llava":
         from pg_analysis.data import load_pairs
 
-        extra = load_pairs(cfg.extra_pairs()) if cfg.extra_pairs() else None
-        manifest = build_tuxpaint_instructions(data_dir, seed=cfg.seed, pairs=load_pairs(cfg.data), extra_train=extra)
+        extra = cfg.extra_pairs()
+        manifest = build_tuxpaint_instructions(data_dir, seed=cfg.seed, pairs=load_pairs(cfg.data),
+                                               extra_train=load_pairs(extra) if extra else None)
         root = manifest["image_root"]
         s1 = load_llava_json(data_dir / manifest["files"]["train_caption"], root)
         s2 = (load_llava_json(data_dir / manifest["files"]["train_mcq"], root)

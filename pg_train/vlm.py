@@ -304,8 +304,9 @@ def use_attention(model: Any, implementation: str = "auto") -> str:
     """Set the LM's attention kernel and return it. ``auto``: ``eager`` on CPU, ``sdpa`` elsewhere.
 
     The grounded forward always passes an explicit additive mask. On this 2-core CPU, with ~90-row masked
-    sequences, one SmolLM2-135M training step (batch 16, bf16 autocast) takes 3.8 s with eager attention and
-    4.5 s with SDPA's CPU flash kernel (``benchmarks/bench_attention.py``). The logits agree to fp32 rounding.
+    sequences, one SmolLM2-135M training step (batch 16, bf16 autocast) takes 4.27 s with eager attention and
+    4.76 s with SDPA's CPU flash kernel (``python benchmarks/bench_attention.py``). The logits agree to fp32
+    rounding.
     """
     if implementation not in ATTENTION:
         raise InputError(f"attention must be one of {ATTENTION}, got {implementation!r}")
