@@ -9,7 +9,8 @@ except the assistant answers and their end-of-turn token (EOS).
 Templates:
 
 - ``plain`` (LLaVA stage 1): ``<image>`` + ``"\\n"``, then the answer + EOS; the question text is dropped.
-- ``vicuna_v1`` (LLaVA-1.5 for Vicuna): ``"{system} USER: {q} ASSISTANT: {a}</s>USER: …"``.
+- ``vicuna_v1`` (LLaVA-1.5 for Vicuna): ``"{system} USER: {q} ASSISTANT: {a}</s>USER: …"``; an empty system
+  prompt drops ``"{system} "`` (the shortest prompt with roles).
 - ``chat``: the tokenizer's own chat template; each assistant span is the difference between the rendering up to
   that turn with a generation prompt and the rendering including it.
 """
@@ -81,7 +82,8 @@ def _pieces(turns: list[dict[str, str]], template: str, tokenizer: Any, generati
         return out
     if template == "vicuna_v1":
         system = next((t["content"] for t in turns if t["role"] == "system"), VICUNA_SYSTEM)
-        out.append((system + " ", False))
+        if system:  # an empty system prompt renders nothing: the prompt starts at "USER:"
+            out.append((system + " ", False))
         for t in turns:
             if t["role"] == "user":
                 out.append((f"USER: {t['content']} ASSISTANT:", False))

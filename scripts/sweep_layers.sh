@@ -12,7 +12,7 @@ for L in "${layers[@]}"; do
   out="$root/L$L"
   if [ ! -f "$out/model/config.json" ]; then
     rm -rf "$out"
-    pg-train --layer "$L" --out "$out" --stage0-steps 300 --stage2-steps 60 --extra-train none --checkpoint-every 1000 --quiet
+    pg-train --layer "$L" --out "$out" --stage0-steps 300 --stage1-steps 100 --stage2-steps 60 --extra-train none --checkpoint-every 1000 --quiet
   fi
   [ -f "$out/eval/eval.json" ] || pg-eval "$out" --no-rank-all --no-generate --bench-repeats 2 --quiet
 done

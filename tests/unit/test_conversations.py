@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from pg_analysis.errors import InputError
-from pg_train.conversations import encode_conversation, letter_token_ids
+from pg_train.conversations import VICUNA_SYSTEM, encode_conversation, letter_token_ids
 
 IMG = 99
 
@@ -32,6 +32,16 @@ def test_vicuna_labels_cover_answer_and_eos_only(tok):
     assert all(l == -100 for i, l in zip(enc.input_ids, enc.labels) if i == IMG)
     assert _supervised(enc) == tok("a red cat .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert enc.input_ids[0] == tok.bos_token_id  # the tiny tokenizer adds BOS
+
+
+def test_vicuna_empty_system_prompt_starts_at_user(tok):
+    short = encode_conversation(_conv(), tok, "vicuna_v1", IMG, 2, 1, system="")
+    full = encode_conversation(_conv(), tok, "vicuna_v1", IMG, 2, 1)
+    system = tok(VICUNA_SYSTEM + " ", add_special_tokens=False)["input_ids"]
+    assert short.input_ids[0] == full.input_ids[0] == tok.bos_token_id
+    assert full.input_ids[1:1 + len(system)] == system
+    assert short.input_ids[1:] == full.input_ids[1 + len(system):]  # BOS, then straight to "USER:"
+    assert short.labels[1:] == full.labels[1 + len(system):]
 
 
 def test_plain_template_supervises_caption(tok):

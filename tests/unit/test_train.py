@@ -139,6 +139,10 @@ def test_run_writes_its_outputs(tiny_run):
     for name in ("config.json", "log.jsonl", "loss.png", "summary.json", "model/config.json", "data/manifest.json"):
         assert (out / name).is_file(), name
     assert [s for s, _, _ in _losses(out)] == [0] * 3 + [1] * 3 + [2] * 4
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    stage2 = [r["grad_norm"] for r in records if r["stage"] == 2]
+    assert all(set(g) == {"projector", "lm"} for g in stage2)
+    assert all(g["lm"] > 0 for g in stage2)  # the LM layers >= L learn in stage 2
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["layer"] == 1 and "versions" in cfg and cfg["template"] == "vicuna_v1"
     assert summary["scale"]["gain"] > 0 and summary["insert_layer"] == 1
@@ -234,3 +238,21 @@ def test_pg_train_bad_input_is_one_line_exit_2(tiny_models, tiny_pairs, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("pg-train: error:") for line in err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_aux_loss_counts_each_image_once():
+    from types import SimpleNamespace
+
+    from pg_train.trainer import _aux_loss, info_nce
+
+    torch.manual_seed(0)
+    prepared = SimpleNamespace(caption_targets=torch.randn(3, 8))
+    model = SimpleNamespace(project=lambda f: f)  # identity projector: the features are the rows
+    cfg = TrainConfig(tau=0.1)
+    exs = [SimpleNamespace(image=i) for i in (0, 1, -1, 0, 2)]  # a text-only example and a repeated picture
+    feats = torch.randn(4, 2, 8)  # one block of rows per example with an image, in batch order
+    got = _aux_loss(cfg, prepared, model, exs, feats, torch.device("cpu"))
+    want = info_nce(feats[[0, 1, 3]].mean(1), prepared.caption_targets[[0, 1, 2]], 0.1)
+    assert torch.allclose(got, want)
+    same = [SimpleNamespace(image=1), SimpleNamespace(image=1)]
+    assert float(_aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
