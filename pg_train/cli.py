@@ -92,7 +92,7 @@ _TRAIN_HELP = {
     "stage0_steps": "Platonic warm-up steps (InfoNCE, projector only); 0 skips stage 0 (default: %(default)s)",
     "stage0_lr": "stage-0 learning rate (default: %(default)s)",
     "tau": "InfoNCE temperature (default: %(default)s)",
-    "stage1_steps": "stage-1 steps (projector on captions, LLaVA's stage 1); 0 skips it (default: %(default)s)",
+    "stage1_steps": "stage-1 steps (projector on captions, LLaVA's stage 1); default: 100 with --stage1-data, else 0 (after the warm-up it undoes the alignment; README)",
     "stage1_lr": "stage-1 learning rate (default: %(default)s)",
     "stage2_steps": "stage-2 steps (projector + LM layers >= L) (default: %(default)s)",
     "stage2_lr": "stage-2 learning rate of the LM (or LoRA) parameters (default: %(default)s)",

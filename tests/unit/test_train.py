@@ -256,3 +256,11 @@ def test_aux_loss_counts_each_image_once():
     assert torch.allclose(got, want)
     same = [SimpleNamespace(image=1), SimpleNamespace(image=1)]
     assert float(_aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
+
+
+def test_stage1_runs_by_default_only_with_stage1_data():
+    assert TrainConfig().stage1_steps == 0  # built data: stage 1 would undo the warm-up (README, run h2)
+    assert TrainConfig(data="llava", stage1_data="s1.json").stage1_steps == 100
+    assert TrainConfig(data="llava", stage1_data="s1.json", stage1_steps=0).stage1_steps == 0
+    with pytest.raises(InputError, match="stage1_steps"):
+        TrainConfig(stage1_steps=-1)
