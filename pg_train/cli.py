@@ -89,6 +89,8 @@ _TRAIN_HELP = {
     "system_prompt": "system prompt for chat/vicuna templates; 'default' keeps the template's own; '' gives none with vicuna_v1 (default: %(default)s)",
     "max_length": "max tokens per example; longer ones are cut with a warning (default: %(default)s)",
     "scale_match": "set the projector gain to the LM's hidden-state norm at L before training (default: %(default)s)",
+    "match_mean": "with --scale-match, also set the projector offset so the rows have the mean of the LM's token "
+                  "states at L, and match the norm around it (default: %(default)s)",
     "stage0_steps": "Platonic warm-up steps (InfoNCE, projector only); 0 skips stage 0 (default: %(default)s)",
     "stage0_lr": "stage-0 learning rate (default: %(default)s)",
     "tau": "InfoNCE temperature (default: %(default)s)",

@@ -37,7 +37,7 @@ from pg_analysis.errors import InputError
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
 from .grounding import GroundedCache
-from .trainer import caption_targets, image_prefix, precision_context
+from .trainer import CaptionStates, caption_targets, image_prefix, precision_context
 from .vlm import VLM, use_attention
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -162,7 +162,7 @@ class Evaluator:
     """Holds a loaded VLM, its prompt format, and the test images' cached features."""
 
     def __init__(self, vlm: VLM, template: str, system: str | None, records: dict[str, list[dict[str, Any]]],
-                 cfg: EvalConfig, cache_dir: Path | None):
+                 cfg: EvalConfig, cache_dir: Path | None, centred: bool = False):
         self.vlm, self.template, self.system, self.cfg = vlm, template, system, cfg
         self.model = vlm.model
         self.device = self.model.device
@@ -173,7 +173,8 @@ class Evaluator:
         self.features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
         self.perm = derangement(len(paths), cfg.seed)
         self.letter_ids = letter_token_ids(vlm.tokenizer, template)
-        self._option_targets: tuple[dict[str, int], torch.Tensor, float] | None = None
+        self._option_targets: tuple[dict[str, int], CaptionStates] | None = None
+        self.centred = centred
 
     def _prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
         recs = [_strip_image(r) for r in records] if control == "no_image" else records
@@ -230,16 +231,16 @@ class Evaluator:
         return [r for r in self.records["mcq"] if r.get("image_path") in self.image_index]
 
     @torch.no_grad()
-    def option_targets(self) -> tuple[dict[str, int], torch.Tensor, float]:
-        """Every option's mean LM state at the insertion point, after the prompt text that precedes the image
-        (:func:`~pg_train.trainer.caption_targets`): ``(index by caption, [n, d], median token norm)``.
+    def option_targets(self) -> tuple[dict[str, int], CaptionStates]:
+        """Every option's LM states at the insertion point, after the prompt text that precedes the image
+        (:func:`~pg_train.trainer.caption_targets`): ``(index by caption, CaptionStates)``.
         Computed once; the slot MCQ and the warm-up retrieval share it."""
         if self._option_targets is None:
             records = self._image_questions()
             captions = sorted({o for r in records for o in r["options"]})
             prefix = image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
-            targets, norm = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
-            self._option_targets = ({c: i for i, c in enumerate(captions)}, targets, norm)
+            states = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
+            self._option_targets = ({c: i for i, c in enumerate(captions)}, states)
         return self._option_targets
 
     @torch.no_grad()
@@ -247,18 +248,24 @@ class Evaluator:
         """MCQ with each image's rows replaced by its caption's mean LM state at L (:func:`caption_rows`, at the
         median token norm there): does the LM read a caption put where the vision rows go?"""
         records = self._image_questions()
-        index, targets, norm = self.option_targets()
-        rows = caption_rows(targets[[index[r["caption"]] for r in records]], self.model.num_image_tokens, norm)
+        index, states = self.option_targets()
+        rows = caption_rows(states.means[[index[r["caption"]] for r in records]], self.model.num_image_tokens,
+                            states.median_norm)
         return self._letter_accuracy(self.last_logits(self._prompts(records, "image"), rows), records)
 
     @torch.no_grad()
     def warmup_retrieval(self) -> dict[str, Any]:
         """4-way MCQ answered by cosine between the image's mean projected row and each option's mean LM state at
-        the insertion point (:func:`~pg_train.trainer.caption_targets`): the stage-0 objective, on held-out images."""
+        the insertion point (:func:`~pg_train.trainer.caption_targets`): the stage-0 objective, on held-out images.
+        For a run trained with ``match_mean`` (and ``scale_match``) both sides are centred by the options' mean
+        token state, as in its training objective."""
         records = self._image_questions()
-        index, targets, _ = self.option_targets()
+        index, states = self.option_targets()
         with precision_context(self.cfg.precision, self.device):
             pooled = self.model.project(self.features[:, 0].to(self.device)).float().mean(1).cpu()
+        targets = states.means
+        if self.centred:
+            pooled, targets = pooled - states.token_mean, targets - states.token_mean
         images = torch.tensor([self.image_index[r["image_path"]] for r in records])
         options = torch.tensor([[index[o] for o in r["options"]] for r in records])
         pred = cosine_choices(pooled[images], targets, options).tolist()
@@ -396,7 +403,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
                for task in ("mcq", "what")}
     cache_dir = Path(train_cfg["cache_dir"]) if train_cfg.get("cache_dir") else cache_root() / "features"
-    ev = Evaluator(vlm, template, system, records, cfg, cache_dir)
+    ev = Evaluator(vlm, template, system, records, cfg, cache_dir,
+                   centred=bool(train_cfg.get("scale_match", True) and train_cfg.get("match_mean", False)))
     t0 = time.perf_counter()
     result: dict[str, Any] = {"model": str(model_dir), "insert_layer": vlm.model.insert_layer, "split": cfg.split,
                               "template": template, "attention": ev.attention, "n_images": len(records["what"]),

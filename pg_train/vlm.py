@@ -86,9 +86,12 @@ class GroundedLlavaConfig(LlavaConfig):
 
 
 class VisionProjector(nn.Module):
-    """LLaVA's projector (``linear_1``–GELU–``linear_2``, or ``linear_1`` alone) times a learnable scalar ``gain``.
+    """LLaVA's projector (``linear_1``–GELU–``linear_2``, or ``linear_1`` alone) times a learnable scalar ``gain``,
+    plus a learnable ``offset`` vector: ``gain · mlp(x) + offset``.
 
-    Parameter names match HF's ``LlavaMultiModalProjector`` so LLaVA checkpoints load into it.
+    ``gain`` (1) and ``offset`` (0) leave LLaVA's projector unchanged; ``pg-train`` sets them so the rows have the
+    norm and the mean of the LM's own token states at the insertion layer (``TrainConfig.scale_match`` /
+    ``match_mean``). Parameter names match HF's ``LlavaMultiModalProjector`` so LLaVA checkpoints load into it.
     """
 
     def __init__(self, config: GroundedLlavaConfig):
@@ -100,13 +103,14 @@ class VisionProjector(nn.Module):
             self.act = ACT2FN[config.projector_hidden_act]
             self.linear_2 = nn.Linear(d, d, bias=bias)
         self.gain = nn.Parameter(torch.ones(()))
+        self.offset = nn.Parameter(torch.zeros(d))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``features [B, P, D_v]`` → ``[B, P, d]``."""
         h = self.linear_1(features)
         if hasattr(self, "linear_2"):
             h = self.linear_2(self.act(h))
-        return h * self.gain.to(h.dtype)
+        return h * self.gain.to(h.dtype) + self.offset.to(h.dtype)
 
 
 def pool_patch_grid(patches: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -122,12 +126,14 @@ def pool_patch_grid(patches: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 class _GainInit:
-    """HF initialises parameters missing from a checkpoint through ``_init_weights``: the gain starts at 1."""
+    """HF initialises parameters missing from a checkpoint through ``_init_weights``: the gain starts at 1, the
+    offset at 0 (a checkpoint saved before the offset existed loads unchanged)."""
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, VisionProjector):
             init.ones_(module.gain)
+            init.zeros_(module.offset)
 
 
 class GroundedLlavaModel(_GainInit, LlavaModel):
@@ -390,7 +396,7 @@ def _from_llava(hf: LlavaForConditionalGeneration, insert_layer: int) -> Grounde
     weight = hf.model.multi_modal_projector.linear_1.weight
     projector = VisionProjector(config).to(weight.device, weight.dtype)
     missing, unexpected = projector.load_state_dict(hf.model.multi_modal_projector.state_dict(), strict=False)
-    if missing != ["gain"] or unexpected:
+    if sorted(missing) != ["gain", "offset"] or unexpected:
         raise InputError(f"LLaVA projector does not match: missing {missing}, unexpected {unexpected}")
     model.model.multi_modal_projector = projector
     return model

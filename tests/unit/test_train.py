@@ -246,14 +246,18 @@ def test_aux_loss_counts_each_image_once():
     from pg_train.trainer import _aux_loss, info_nce
 
     torch.manual_seed(0)
-    prepared = SimpleNamespace(caption_targets=torch.randn(3, 8))
+    mean = torch.randn(8)
+    prepared = SimpleNamespace(caption_targets=torch.randn(3, 8), states=SimpleNamespace(token_mean=mean))
     model = SimpleNamespace(project=lambda f: f)  # identity projector: the features are the rows
     cfg = TrainConfig(tau=0.1)
     exs = [SimpleNamespace(image=i) for i in (0, 1, -1, 0, 2)]  # a text-only example and a repeated picture
     feats = torch.randn(4, 2, 8)  # one block of rows per example with an image, in batch order
     got = _aux_loss(cfg, prepared, model, exs, feats, torch.device("cpu"))
-    want = info_nce(feats[[0, 1, 3]].mean(1), prepared.caption_targets[[0, 1, 2]], 0.1)
+    # match_mean (the default): the pooled rows are centred by the LM's mean token state, like the targets
+    want = info_nce(feats[[0, 1, 3]].mean(1) - mean, prepared.caption_targets[[0, 1, 2]], 0.1)
     assert torch.allclose(got, want)
+    got = _aux_loss(TrainConfig(tau=0.1, match_mean=False), prepared, model, exs, feats, torch.device("cpu"))
+    assert torch.allclose(got, info_nce(feats[[0, 1, 3]].mean(1), prepared.caption_targets[[0, 1, 2]], 0.1))
     same = [SimpleNamespace(image=1), SimpleNamespace(image=1)]
     assert float(_aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
 
@@ -264,3 +268,24 @@ def test_stage1_runs_by_default_only_with_stage1_data():
     assert TrainConfig(data="llava", stage1_data="s1.json", stage1_steps=0).stage1_steps == 0
     with pytest.raises(InputError, match="stage1_steps"):
         TrainConfig(stage1_steps=-1)
+
+
+@pytest.mark.parametrize("match_mean", [False, True])
+def test_scale_matching_gives_the_rows_the_lm_statistics(tiny_models, match_mean):
+    from pg_train.trainer import _match_scale, caption_targets
+    from pg_train.vlm import build_vlm
+
+    vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=2, vision_pool=2)
+    states = caption_targets(vlm, ["a red ball", "two small cats", "the moon"], 2, prefix=[1, 5, 6])
+    assert states.means.shape == (3, vlm.model.config.text_config.hidden_size)
+    features = torch.randn(5, 4, 32)
+    _match_scale(vlm.model, features, states, match_mean)
+    with torch.no_grad():
+        rows = vlm.model.project(features).flatten(0, 1)
+    if match_mean:
+        torch.testing.assert_close(rows.mean(0), states.token_mean, atol=1e-4, rtol=1e-4)
+        got = float((rows - rows.mean(0)).norm(dim=-1).median())
+        assert got == pytest.approx(states.centred_median_norm, rel=1e-4)
+    else:
+        assert not vlm.model.model.multi_modal_projector.offset.any()
+        assert float(rows.norm(dim=-1).median()) == pytest.approx(states.median_norm, rel=1e-4)

@@ -49,6 +49,7 @@ def test_hf_llava_loads_with_any_insert_layer(hf_llava):
     vlm = load_vlm(folder, insert_layer=2)
     assert vlm.model.config.insert_layer == 2
     assert vlm.model.model.multi_modal_projector.gain.item() == 1.0
+    assert not vlm.model.model.multi_modal_projector.offset.any()  # LLaVA's projector, unchanged
     ids, mask, px = _inputs(vlm.image_token_id, 16)
     with torch.no_grad():
         grounded = vlm.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
@@ -72,10 +73,13 @@ def test_build_from_parts_pools_and_adds_image_token(built, tiny_models):
 
 def test_save_load_round_trip(built, tmp_path):
     built.model.model.multi_modal_projector.gain.data.fill_(2.5)
+    built.model.model.multi_modal_projector.offset.data.normal_()
     built.save(tmp_path / "vlm")
     again = load_vlm(tmp_path / "vlm")
     assert again.model.config.insert_layer == 1 and again.model.config.vision_pool == 2
     assert again.model.model.multi_modal_projector.gain.item() == 2.5
+    torch.testing.assert_close(again.model.model.multi_modal_projector.offset,
+                               built.model.model.multi_modal_projector.offset, atol=0, rtol=0)
     ids, mask, px = _inputs(built.image_token_id, 4)
     with torch.no_grad():
         a = built.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
