@@ -403,6 +403,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
                for task in ("mcq", "what")}
     cache_dir = Path(train_cfg["cache_dir"]) if train_cfg.get("cache_dir") else cache_root() / "features"
+    # TrainConfig.centred, read from the saved options; a run from before --match-mean existed was not centred
     ev = Evaluator(vlm, template, system, records, cfg, cache_dir,
                    centred=bool(train_cfg.get("scale_match", True) and train_cfg.get("match_mean", False)))
     t0 = time.perf_counter()
