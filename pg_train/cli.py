@@ -102,6 +102,11 @@ _TRAIN_HELP = {
     "text_first_steps": "first stage-2 steps that give the caption as text instead of the image (default: %(default)s)",
     "text_first_frac": "fraction of later stage-2 steps that do so (default: %(default)s)",
     "aux_weight": "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: %(default)s)",
+    "distill_weight": "weight of the text-twin distillation term in stage 2: image examples' LM states after the "
+                      "image pulled towards those with the caption as text in its place; 0 disables "
+                      "(default: %(default)s)",
+    "distill_layers": "layers >= L (evenly spaced, the last included) that the distillation term matches "
+                      "(default: %(default)s)",
     "lora": "stage 2 trains LoRA adapters (peft) on layers >= L instead of the full layers (default: %(default)s)",
     "lora_r": "LoRA rank (default: %(default)s)",
     "lora_alpha": "LoRA alpha (default: %(default)s)",

@@ -93,6 +93,9 @@ class TrainConfig:
     text_first_steps: int = 60  # at L=4, 20 steps and 20 % left the answer format unlearnt (text MCQ 0.27, run
     text_first_frac: float = 0.3  # i3); 60 and 30 %: L=4 MCQ 0.399 (i1), L=0 0.409 (i4; 0.437 with 20 / 20 %, i2)
     aux_weight: float = 0.1
+    distill_weight: float = 0.0  # image steps also match the LM states of the text twin (caption in place of the
+    # image) on the tokens after the image, at distill_layers layers >= L; 0 disables
+    distill_layers: int = 4
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -135,6 +138,8 @@ class TrainConfig:
             raise InputError("text_first_frac must be in [0, 1] and warmup_frac in [0, 1)")
         if self.tau <= 0 or self.aux_weight < 0:
             raise InputError("tau must be > 0 and aux_weight >= 0")
+        if self.distill_weight < 0 or self.distill_layers < 1:
+            raise InputError("distill_weight must be >= 0 and distill_layers >= 1")
         if self.data == "llava" and not (self.stage1_data or self.stage2_data):
             raise InputError("--data llava needs --stage1-data and/or --stage2-data (LLaVA JSON)")
         if self.projector not in ("mlp", "linear"):
@@ -209,6 +214,45 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
                   + torch.nn.functional.cross_entropy(logits.T, target))
+
+
+def common_suffix_length(a: list[int], b: list[int]) -> int:
+    """Number of trailing tokens ``a`` and ``b`` share (the tokens after the image in an image example and its
+    text twin)."""
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def suffix_rows(hidden: torch.Tensor, lengths: list[int], suffix: list[int]) -> torch.Tensor:
+    """The last ``suffix[i]`` of the first ``lengths[i]`` rows of each sample of right-padded ``hidden [B, T, d]``,
+    stacked: ``[sum(suffix), d]``."""
+    idx = [(i, t) for i, (n, s) in enumerate(zip(lengths, suffix)) for t in range(n - s, n)]
+    b = torch.tensor([i for i, _ in idx], device=hidden.device)
+    t = torch.tensor([t for _, t in idx], device=hidden.device)
+    return hidden[b, t]
+
+
+def state_match_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error of ``student [n, d]`` to ``teacher [n, d]`` relative to the teacher rows' spread around their
+    mean: 0 when they match, ~2 for unrelated rows of the same spread. The shared component of the states (large
+    in a small LM's middle layers) cancels in both the error and the spread."""
+    teacher = teacher.float()
+    err = (student.float() - teacher).pow(2).sum(-1).mean()
+    spread = (teacher - teacher.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-6)
+    return err / spread
+
+
+def distill_layer_indices(insert_layer: int, n_layers: int, count: int) -> list[int]:
+    """``count`` decoder layers evenly spaced over ``[insert_layer, n_layers)``, the last one included."""
+    span = n_layers - insert_layer
+    if span <= 0:
+        return []
+    picks = {insert_layer + max(1, round(span * k / count)) - 1 for k in range(1, count + 1)}
+    return sorted(picks)
 
 
 def grad_norms(param_groups: list[dict[str, Any]]) -> dict[str, float]:
@@ -533,8 +577,10 @@ def _stage_steps(cfg: TrainConfig, prepared: Prepared) -> dict[int, int]:
 
 
 def _stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, n_proc: int,
-                   rank: int) -> Iterator[tuple[list[Example], list[bool]]]:
-    """The micro-batches of one optimizer step for this process: ``(examples, flips)``."""
+                   rank: int) -> Iterator[tuple[list[Example], list[bool], list[Example | None] | None]]:
+    """The micro-batches of one optimizer step for this process: ``(examples, flips, twins)``; ``twins`` holds
+    each image example's text twin (caption in place of the image; None without a caption), or is None on text
+    steps and in stages 0–1."""
     pool = prepared.stage1 if stage == 1 else prepared.stage2
     if cfg.batch_size % n_proc:
         raise InputError(f"batch_size {cfg.batch_size} is not divisible by {n_proc} processes")
@@ -552,7 +598,8 @@ def _stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, 
             if use_text and prepared.stage2_text[idx[i]] is not None:
                 ex = prepared.stage2_text[idx[i]]
             exs.append(ex)
-        yield exs, [flips[i] for i in mine]
+        twins = [prepared.stage2_text[idx[i]] for i in mine] if stage == 2 and not use_text else None
+        yield exs, [flips[i] for i in mine], twins
 
 
 def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -640,6 +687,8 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         bar = tqdm(range(first, steps[stage]), desc=f"stage {stage}", disable=not cfg.progress, initial=first,
                    total=steps[stage])
         t_stage = time.perf_counter()
+        layers = model.model.language_model.layers
+        picks = distill_layer_indices(cfg.layer, len(layers), cfg.distill_layers) if stage == 2 else []
         for step in bar:
             t0 = time.perf_counter()
             n_samples = n_tokens = 0
@@ -648,14 +697,20 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
                 n_samples = len(prepared.features)
                 aux = None
             else:
-                loss = aux = None
-                for exs, flips in _stage_batches(cfg, prepared, stage, step, accelerator.num_processes,
-                                                 accelerator.process_index):
+                loss = aux = distill = None
+                for exs, flips, twins in _stage_batches(cfg, prepared, stage, step, accelerator.num_processes,
+                                                        accelerator.process_index):
                     batch = {k: v.to(device) for k, v in
                              collate(exs, vlm.tokenizer.pad_token_id, prepared.features, flips).items()}
-                    with precision_context(cfg.precision, device):
+                    pairs = [(k, tw) for k, (e, tw) in enumerate(zip(exs, twins or [])) if e.image >= 0 and tw]
+                    distill_on = bool(cfg.distill_weight and pairs and picks)
+                    with precision_context(cfg.precision, device), _LayerOutputs(layers, picks, distill_on) as cap:
                         out = trained(**batch, return_logits=False)
                     micro = out.loss / cfg.grad_accum
+                    if distill_on:
+                        d = _distill_loss(cfg, trained, layers, picks, cap.outputs, exs, pairs, vlm.tokenizer, device)
+                        micro = micro + cfg.distill_weight * d / cfg.grad_accum
+                        distill = float(d.detach()) + (distill or 0.0)
                     if cfg.aux_weight and "vision_features" in batch:
                         a = _aux_loss(cfg, prepared, model, exs, batch["vision_features"], device)
                         micro = micro + cfg.aux_weight * a / cfg.grad_accum
@@ -676,6 +731,8 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
                    "tokens_per_s": n_tokens / dt if n_tokens else None, "step_s": dt}
             if aux is not None:
                 rec["aux_infonce"] = aux
+            if stage > 0 and distill is not None:
+                rec["distill"] = distill
             if stage > 0:
                 rec["grad_norm"] = norms
             if accelerator.is_main_process:
@@ -764,6 +821,53 @@ def _stage0_step(cfg: TrainConfig, prepared: Prepared, model: Any, step: int, de
     loss = info_nce(_pooled(cfg, prepared, model, feats), prepared.caption_targets.to(device), cfg.tau)
     accelerator.backward(loss)
     return float(loss.detach())
+
+
+class _LayerOutputs:
+    """Forward hooks that keep the outputs of the decoder layers ``picks`` (``outputs[i]``) while active."""
+
+    def __init__(self, layers: Any, picks: list[int], active: bool = True):
+        self.layers, self.picks, self.active = layers, picks, active
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_LayerOutputs":
+        if self.active:
+            for i in self.picks:
+                self._handles.append(self.layers[i].register_forward_hook(self._keep(i)))
+        return self
+
+    def _keep(self, i: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            self.outputs.setdefault(i, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _distill_loss(cfg: TrainConfig, trained: Any, layers: Any, picks: list[int], student: dict[int, torch.Tensor],
+                  exs: list[Example], pairs: list[tuple[int, Example]], tokenizer: Any,
+                  device: torch.device) -> torch.Tensor:
+    """Text-twin distillation: the image examples' states on the tokens after the image (question, options,
+    answer) pulled towards those of the same model reading the caption as text in place of the image (no
+    gradient through that side), averaged over the layers ``picks`` (:func:`state_match_loss`).
+
+    The LM answers from text almost perfectly; this gives each image example a dense target — every row after
+    the image at several depths — where the answer letter alone gives about two bits."""
+    twins = [tw for _, tw in pairs]
+    tbatch = {k: v.to(device) for k, v in collate(twins, tokenizer.pad_token_id, None).items()}
+    with torch.no_grad(), precision_context(cfg.precision, device), _LayerOutputs(layers, picks) as cap:
+        trained(**tbatch, return_logits=False)
+    rows = torch.tensor([k for k, _ in pairs], device=device)
+    suffix = [common_suffix_length(exs[k].input_ids, tw.input_ids) for k, tw in pairs]
+    s_len = [len(exs[k].input_ids) for k, _ in pairs]
+    t_len = [len(tw.input_ids) for tw in twins]
+    losses = [state_match_loss(suffix_rows(student[i][rows], s_len, suffix),
+                               suffix_rows(cap.outputs[i], t_len, suffix)) for i in picks]
+    return torch.stack(losses).mean()
 
 
 def _aux_loss(cfg: TrainConfig, prepared: Prepared, model: Any, exs: list[Example], vision_features: torch.Tensor,

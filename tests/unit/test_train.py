@@ -289,3 +289,27 @@ def test_scale_matching_gives_the_rows_the_lm_statistics(tiny_models, match_mean
     else:
         assert not vlm.model.model.multi_modal_projector.offset.any()
         assert float(rows.norm(dim=-1).median()) == pytest.approx(states.median_norm, rel=1e-4)
+
+
+def test_text_twin_distillation_parts():
+    from pg_train.trainer import common_suffix_length, distill_layer_indices, state_match_loss, suffix_rows
+
+    assert common_suffix_length([1, 9, 9, 5, 6, 7], [1, 3, 5, 6, 7]) == 3
+    assert common_suffix_length([1, 2], [3, 4]) == 0 and common_suffix_length([4], [4]) == 1
+    h = torch.arange(2 * 5 * 1, dtype=torch.float).reshape(2, 5, 1)  # right-padded: lengths 4 and 5
+    assert suffix_rows(h, [4, 5], [2, 1]).flatten().tolist() == [2.0, 3.0, 9.0]
+    t = torch.randn(200, 8) + 50.0  # a large shared component cancels
+    assert float(state_match_loss(t, t)) == 0.0
+    assert float(state_match_loss(torch.randn(200, 8) + 50.0, t)) == pytest.approx(2.0, abs=0.4)
+    assert distill_layer_indices(0, 30, 4) == [7, 14, 21, 29]
+    assert distill_layer_indices(4, 30, 2) == [16, 29] and distill_layer_indices(28, 30, 4) == [28, 29]
+    assert distill_layer_indices(30, 30, 4) == []
+
+
+def test_distillation_run_logs_its_term_on_image_steps_only(tiny_models, tiny_pairs, tmp_path):
+    out = tmp_path / "distill"
+    train(_cfg(tiny_models, tiny_pairs, out, stage1_steps=0, stage2_steps=4, text_first_steps=2,
+               distill_weight=1.0, distill_layers=2))
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"stage": 2' in line]
+    assert [("distill" in r) for r in recs] == [False, False, True, True]  # text-first steps have no twin
+    assert all(r["distill"] > 0 for r in recs[2:])
