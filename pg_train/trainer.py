@@ -87,7 +87,7 @@ class TrainConfig:
     # the built data, after stage 0, it cut held-out warm-up retrieval from ~0.55 to 0.34 (run h2), and skipping it
     # changed MCQ from 0.396 to 0.404 in 4 min less (README)
     stage1_lr: float = 1e-3
-    stage2_steps: int = 230  # 250 before --distill-weight; its teacher passes cost ~1 s per image step
+    stage2_steps: int = 230  # 250 before --distill-weight; its teacher passes cost ~1.4 s per image step (j3)
     stage2_lr: float = 1e-4  # LM (or LoRA) parameters
     stage2_projector_lr: float = 1e-3
     text_first_steps: int = 60  # at L=4, 20 steps and 20 % left the answer format unlearnt (text MCQ 0.27, run
@@ -95,7 +95,7 @@ class TrainConfig:
     aux_weight: float = 0.1
     distill_weight: float = 1.0  # image steps also match the LM states of the text twin (caption in place of the
     # image) on the tokens after the image, at distill_layers layers >= L; 0 disables. L=4 MCQ 0.399 -> 0.467 (runs
-    # i1, j3), L=0 0.409 -> see README (i4, j4)
+    # i1, j3), L=0 0.409 -> 0.407 (i4, j4): README
     distill_layers: int = 4
     lora: bool = False
     lora_r: int = 16
