@@ -87,7 +87,7 @@ class TrainConfig:
     # the built data, after stage 0, it cut held-out warm-up retrieval from ~0.55 to 0.34 (run h2), and skipping it
     # changed MCQ from 0.396 to 0.404 in 4 min less (README)
     stage1_lr: float = 1e-3
-    stage2_steps: int = 220  # 250 before --distill-weight; its teacher passes cost ~1.4 s per image step (j3)
+    stage2_steps: int = 220  # 250 before --distill-weight (teacher passes: 1.2-1.6 s per image step); 230 at lr 1e-4
     stage2_lr: float = 2e-4  # LM (or LoRA) parameters. 1e-4 before run k1: with the distillation 2e-4 gave MCQ
     # 0.490 at L=0 and 0.487 at L=4 (k1, k4; 0.407 / 0.467 at 1e-4, j4 / j3); without it 2e-4 sent L=4 to chance (j2)
     stage2_projector_lr: float = 1e-3
