@@ -192,8 +192,10 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
     """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped);
     ``mirror=False``: ``[N, 1, P, D_v]``, the images only (analysis, evaluation of many images).
 
-    Cached under ``cache_dir`` keyed by the vision tower's config and weights checksum, the feature layer,
-    selection and pooling, the image processor, and the image files (path, size, mtime).
+    Cached under ``cache_dir`` one entry per image, keyed by the vision tower's config and weights checksum, the
+    feature layer, selection and pooling, the image processor, and the image file (path, size, mtime): another
+    split of the same pictures (another seed, the test images at evaluation) reads what an earlier run extracted,
+    and only images never seen are encoded.
     """
     from PIL import ImageOps
 
@@ -203,27 +205,34 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
     model = vlm.model
     tower = model.model.vision_tower
     first = next(iter(tower.state_dict().values()))
-    fields = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(),
-              "weights": float(first.float().sum()), "layer": model.config.vision_feature_layer,
-              "select": model.config.vision_feature_select_strategy, "pool": model.config.vision_pool,
-              "processor": vlm.image_processor.to_dict(), "images": _file_digest(paths), "n": len(paths)}
+    base = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(),
+            "weights": float(first.float().sum()), "layer": model.config.vision_feature_layer,
+            "select": model.config.vision_feature_select_strategy, "pool": model.config.vision_pool,
+            "processor": vlm.image_processor.to_dict(), "per_image": True}
     if not mirror:
-        fields["mirror"] = False
+        base["mirror"] = False
 
-    def compute() -> torch.Tensor:
-        chunks = []
-        for start in tqdm(range(0, len(paths), batch_size), desc="encoder features", disable=not progress):
-            pil = [open_image(p) for p in paths[start:start + batch_size]]
-            both = pil + [ImageOps.mirror(im) for im in pil] if mirror else pil
-            feats = model.encode_images(vlm.pixel_values(both)).float().cpu()
-            chunks.append(torch.stack([feats[:len(pil)], feats[len(pil):]], 1) if mirror else feats[:, None])
-        return torch.cat(chunks)
+    def encode(chunk: list[str]) -> torch.Tensor:
+        pil = [open_image(p) for p in chunk]
+        both = pil + [ImageOps.mirror(im) for im in pil] if mirror else pil
+        feats = model.encode_images(vlm.pixel_values(both)).float().cpu()
+        out = torch.stack([feats[:len(pil)], feats[len(pil):]], 1) if mirror else feats[:, None]
+        if not torch.isfinite(out).all():
+            raise InputError("encoder features contain NaN/inf (check the model and dtype)")
+        return out
 
-    if cache_dir is None:
-        return compute()
-    feats, hit = FeatureCache(Path(cache_dir)).get_or_compute("encoder", fields, compute)
-    log.info("encoder features %s (%s)", tuple(feats.shape), "cache" if hit else "computed")
-    return feats
+    cache = FeatureCache(Path(cache_dir)) if cache_dir is not None else None
+    keys = {p: dict(base, image=_file_digest([p])) for p in dict.fromkeys(paths)}
+    found = {p: cache.load("encoder", f) for p, f in keys.items()} if cache is not None else {}
+    missing = [p for p in keys if found.get(p) is None]
+    for start in tqdm(range(0, len(missing), batch_size), desc="encoder features", disable=not progress):
+        chunk = missing[start:start + batch_size]
+        for p, f in zip(chunk, encode(chunk)):
+            found[p] = f
+            if cache is not None:
+                cache.save("encoder", keys[p], f.clone())
+    log.info("encoder features of %d images (%d from the cache)", len(keys), len(keys) - len(missing))
+    return torch.stack([found[p] for p in paths]) if paths else torch.empty(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

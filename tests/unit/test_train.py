@@ -81,6 +81,27 @@ def test_collate_pads_and_picks_mirrored_features():
     assert left["input_ids"][2].tolist() == [0, 0, 5]
 
 
+def test_encoder_features_are_cached_per_image(tiny_models, tiny_pairs, tmp_path):
+    from pg_train.datasets import image_features
+    from pg_train.vlm import build_vlm
+
+    vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), vision_pool=2)
+    imgs = sorted(str(p) for p in tiny_pairs.parent.glob("img*.png"))
+    encoded = []
+    real = vlm.model.encode_images
+    vlm.model.encode_images = lambda pv: encoded.append(pv.shape[0]) or real(pv)
+    cache = tmp_path / "features"
+    first = image_features(vlm, imgs[:6], cache, progress=False)
+    assert first.shape[:2] == (6, 2) and sum(encoded) == 12  # 6 images and their mirrors
+    second = image_features(vlm, imgs[4:10], cache, progress=False)  # another split: 2 shared, 4 new
+    assert sum(encoded) == 12 + 8
+    torch.testing.assert_close(second[:2], first[4:6])
+    again = image_features(vlm, imgs[:10], cache, progress=False)
+    assert sum(encoded) == 20  # everything now from the cache
+    torch.testing.assert_close(again, image_features(vlm, imgs[:10], None, progress=False))
+    assert len(list(cache.glob("encoder-*.safetensors"))) == 10
+
+
 def test_schedule_batches_and_infonce():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(10, 100, 10) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10) == pytest.approx(0.0)
