@@ -108,7 +108,8 @@ def cache_key(fields: dict[str, Any]) -> str:
 
 
 class FeatureCache:
-    """Feature tensors ``[L, N, D]`` on disk under ``root``, one ``<name>-<hash>.safetensors`` + ``.json`` each."""
+    """Feature tensors on disk under ``root`` (``[L, N, D]`` layer stacks from pg-align, one image's ``[2, P, D_v]``
+    from pg-train), one ``<name>-<hash>.safetensors`` + ``.json`` each."""
 
     def __init__(self, root: Path):
         self.root = Path(root)

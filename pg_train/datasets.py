@@ -202,6 +202,8 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
     from pg_analysis.data import open_image
     from pg_analysis.features import FEATURES_VERSION, FeatureCache
 
+    if not paths:
+        raise InputError("no images to encode: the records name no image files")
     model = vlm.model
     tower = model.model.vision_tower
     first = next(iter(tower.state_dict().values()))
@@ -232,7 +234,7 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
             if cache is not None:
                 cache.save("encoder", keys[p], f.clone())
     log.info("encoder features of %d images (%d from the cache)", len(keys), len(keys) - len(missing))
-    return torch.stack([found[p] for p in paths]) if paths else torch.empty(0)
+    return torch.stack([found[p] for p in paths])
 
 
 # ----------------------------------------------------------------------------------------------------------------

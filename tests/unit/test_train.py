@@ -100,6 +100,8 @@ def test_encoder_features_are_cached_per_image(tiny_models, tiny_pairs, tmp_path
     assert sum(encoded) == 20  # everything now from the cache
     torch.testing.assert_close(again, image_features(vlm, imgs[:10], None, progress=False))
     assert len(list(cache.glob("encoder-*.safetensors"))) == 10
+    with pytest.raises(InputError, match="no images"):
+        image_features(vlm, [], cache, progress=False)
 
 
 def test_schedule_batches_and_infonce():
