@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import PGError
+from .errors import user_errors
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
@@ -24,7 +24,7 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return main(args)
-    except PGError as e:
+    except user_errors() as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,12 +1,19 @@
 """Interpretability handles on loaded models: nnsight and TransformerLens (TransformerBridge).
 
-- :func:`as_nnsight` wraps any torch module (a causal LM, a VLM) in ``nnsight.NNsight``: ``with h.trace(**inputs):``
-  reads or edits module outputs by their HF names (``h.model.layers[3].output``), in execution order.
+- :func:`as_nnsight` wraps any torch module (a causal LM, a VLM) for nnsight: ``with h.trace(...):`` reads or edits
+  module outputs by their HF names (``h.model.layers[3].output``), in execution order. Given the tokenizer, the
+  handle is an ``nnsight.TransformersModel`` for text generation (what ``nnsight.LanguageModel`` was) and takes
+  strings (``h.trace("a red kangaroo")``), as one loaded by name would; without it, a plain ``NNsight`` that takes
+  the model's own keyword inputs.
 - :func:`as_transformer_lens` boots a ``TransformerBridge`` on an already-loaded HF causal LM of a supported
   architecture (Llama-family included): ``run_with_cache`` gives ``blocks.{i}.hook_resid_pre``,
   ``blocks.{i}.attn.hook_pattern`` … with HF's numerics (the bridge's default; it forces eager attention).
   TransformerLens inserts its hook modules into the model's module tree, so by default the model is copied first
   (``copy=False`` wraps it in place: cheaper for a 7B model, but the original then runs through the bridge).
+  BOS: TransformerLens prepends a BOS token to strings by default, HF tokenizers only where their template says
+  so (SmolLM2's adds none, LLaMA's adds ``<s>``). The bridge is set to do what the HF tokenizer does
+  (``prepend_bos=None``), so ``bridge.to_tokens(text)`` equals ``tokenizer(text).input_ids`` and the two handles
+  see the same sequence; pass ``prepend_bos=True/False`` to force it.
 - :func:`language_model_of` gives the causal LM inside a LLaVA-format VLM (shared weights, no copy) for either.
 
 Both are tested equal to HF's own outputs (hidden states, attention patterns) on tiny models.
@@ -20,11 +27,27 @@ from typing import Any
 from .errors import InputError
 
 
-def as_nnsight(model: Any) -> Any:
-    """``nnsight.NNsight(model)``: module access by HF attribute names inside ``.trace(...)``."""
-    from nnsight import NNsight
+def as_nnsight(model: Any, tokenizer: Any = None) -> Any:
+    """An nnsight handle on a loaded model: ``nnsight.TransformersModel(task="text-generation")`` (strings in)
+    when ``tokenizer`` is given, else ``nnsight.NNsight``. Module access by HF attribute names in ``.trace(...)``."""
+    from nnsight import NNsight, TransformersModel
+    from transformers.utils import logging as hf_logging
 
-    return NNsight(model)
+    if tokenizer is None:
+        return NNsight(model)
+    level = hf_logging.get_verbosity()
+    try:  # nnsight checks the model against HF's text-generation pipeline, which logs every class it knows
+        hf_logging.set_verbosity(hf_logging.CRITICAL)
+        return TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` starts with the BOS token (read from the tokenizer's own output)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a").input_ids
+    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 def language_model_of(vlm_model: Any) -> Any:
@@ -43,8 +66,11 @@ def language_model_of(vlm_model: Any) -> Any:
     return lm.eval()
 
 
-def as_transformer_lens(model: Any, tokenizer: Any, copy: bool = True) -> Any:
-    """A TransformerLens ``TransformerBridge`` over a loaded HF causal LM (see module docstring)."""
+def as_transformer_lens(model: Any, tokenizer: Any, copy: bool = True, prepend_bos: bool | None = None) -> Any:
+    """A TransformerLens ``TransformerBridge`` over a loaded HF causal LM (see module docstring).
+
+    ``prepend_bos``: None follows the HF tokenizer (:func:`tokenizer_adds_bos`); True/False forces it.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     if not hasattr(model, "config") or not hasattr(model, "lm_head"):
@@ -56,6 +82,8 @@ def as_transformer_lens(model: Any, tokenizer: Any, copy: bool = True) -> Any:
         target.config.architectures = [type(target).__name__]
     name = getattr(target.config, "_name_or_path", "") or type(target).__name__
     try:
-        return TransformerBridge.boot_transformers(name, hf_model=target, tokenizer=tokenizer)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=target, tokenizer=tokenizer)
     except (ValueError, NotImplementedError) as e:
         raise InputError(f"TransformerLens cannot bridge {type(target).__name__}: {e}") from None
+    bridge.cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer) if prepend_bos is None else bool(prepend_bos)
+    return bridge

@@ -160,12 +160,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             return grounded_forward(model, embeds, vision_mask, layer, use_cache=True)
 
     def decode(layer: int) -> float:
-        cache = prefill(layer).past_key_values
+        cache = prefill(layer).cache
         with torch.no_grad():
             _sync(dev)
             t0 = time.perf_counter()
             for _ in range(cfg.decode_tokens):
-                grounded_forward(model, step, None, layer, past_key_values=cache, use_cache=True)
+                grounded_forward(model, step, None, layer, cache=cache, use_cache=True)
             _sync(dev)
             return (time.perf_counter() - t0) / cfg.decode_tokens
 
@@ -203,7 +203,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             torch.cuda.empty_cache()
             base_mem = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        kv = prefill(layer).past_key_values.nbytes()  # one prefill gives the cache size and, on CUDA, the peak
+        kv = prefill(layer).cache.nbytes()  # one prefill gives the cache size and, on CUDA, the peak
         if dev.type == "cuda":
             _sync(dev)
             peak = torch.cuda.max_memory_allocated(dev) - base_mem

@@ -36,7 +36,7 @@ from pg_analysis.errors import InputError
 
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
-from .grounding import GroundedCache
+from .grounding import CACHE_FIELD, GroundedCache
 from .trainer import CaptionStates, caption_targets, image_prefix, precision_context
 from .vlm import VLM, use_attention
 
@@ -278,7 +278,7 @@ class Evaluator:
         with precision_context(self.cfg.precision, self.device):
             out = self.model(**batch, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
-        cache: GroundedCache = out.past_key_values
+        cache: GroundedCache = getattr(out, CACHE_FIELD)
         k = len(candidates)
         cache.repeat_rows(k)
         t = max(len(c) for c in candidates)
@@ -289,7 +289,7 @@ class Evaluator:
             mask[i, :len(c)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         with precision_context(self.cfg.precision, self.device):
-            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
         logp = torch.log_softmax(logits.float(), -1)  # row j predicts token j+1
         scores = first[ids[:, 0]].clone()
         if t > 1:

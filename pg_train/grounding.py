@@ -17,25 +17,48 @@ KV cache (:class:`GroundedCache`): layers ``< L`` cache the text rows only, laye
 per-layer cache lengths differ. The cache remembers each segment's key padding mask and the next position id, so a
 continuation call passes only the *new* rows and their own ``attention_mask`` ``[B, T_new]``.
 
+What the optional outputs hold (identical in both modes):
+
+- ``hidden_states``: ``N + 1`` tensors ``[B, T, d]`` over the rows of this call — index 0 the embeddings (vision
+  rows: the projected rows), index ``i`` the output of block ``i``, the last one after the final norm (HF's
+  convention). At indices ``0 … L`` the vision rows hold the rows they enter layer ``L`` with (they wait, unchanged).
+- ``attentions``: ``N`` tensors ``[B, heads, T, S]`` (``S`` = all rows so far, in full-sequence order), eager
+  attention only. Below ``L`` the columns of vision rows are exactly 0 (text cannot see them) and so are the rows
+  of vision queries (they are not computed). Padding query rows are 0 in every layer.
+
+This module imports only torch and transformers: it travels inside saved checkpoints with the grounded model's
+code (``trust_remote_code``). Errors are :class:`GroundingError`, a plain ``ValueError``.
+
 >>> out = grounded_forward(model, embeds, vision_mask, insert_layer=4, attention_mask=mask, use_cache=True)  # doctest: +SKIP
->>> step = grounded_forward(model, next_embeds, None, 4, past_key_values=out.past_key_values, use_cache=True)  # doctest: +SKIP
+>>> step = grounded_forward(model, next_embeds, None, 4, cache=out.cache, use_cache=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from pg_analysis.errors import InputError
-
 #: ``config.model_type`` of decoders whose layers share LLaMA's call signature (rotary embeddings passed in).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 MODES = ("splice", "mask")
+
+#: The name under which the installed transformers passes and returns the KV cache: ``cache`` since 5.24,
+#: ``past_key_values`` before. Read from transformers' own output class, never from its version number.
+CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+               else "past_key_values")
+
+
+class GroundingError(ValueError):
+    """Bad arguments to the grounded model or its forward (shapes, ranges, modes, a foreign cache)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,6 +101,22 @@ def causal_key_mask(key_mask: torch.Tensor, n_query: int, dtype: torch.dtype) ->
         ~allowed, torch.finfo(dtype).min)
 
 
+def scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``full [B, T, d]`` with ``rows [B, T_s, d]`` written at ``index [B, T_s]`` (out of place)."""
+    return full.scatter(1, index[..., None].expand(-1, -1, full.shape[-1]), rows)
+
+
+def scatter_attention(weights: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
+                      n_query: int, n_key: int) -> torch.Tensor:
+    """Attention over packed rows ``[B, H, Q_s, S_s]`` placed in a zero ``[B, H, n_query, n_key]`` at the rows
+    ``query_index [B, Q_s]`` and columns ``key_index [B, S_s]`` (each unique per sample)."""
+    b, h, q_s, s_s = weights.shape
+    cols = torch.zeros(b, h, q_s, n_key, dtype=weights.dtype, device=weights.device)
+    cols = cols.scatter(3, key_index[:, None, None, :].expand(b, h, q_s, s_s), weights)
+    out = torch.zeros(b, h, n_query, n_key, dtype=weights.dtype, device=weights.device)
+    return out.scatter(2, query_index[:, None, :, None].expand(b, h, q_s, n_key), cols)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # cache
 
@@ -86,7 +125,9 @@ class GroundedCache(DynamicCache):
     """A ``DynamicCache`` whose layers below ``insert_layer`` hold fewer rows, plus what a continuation needs.
 
     ``key_masks["low"] [B, S_low]`` and ``key_masks["high"] [B, S_high]`` are the padding masks of the cached keys
-    of layers ``< L`` and ``≥ L``; ``next_position [B]`` is the position id of the next row.
+    of layers ``< L`` and ``≥ L``; ``low_index [B, S_low]`` the full-sequence row of each low key;
+    ``next_position [B]`` the position id of the next row. Beam search reorders, and batch expansion repeats,
+    all of them with the keys and values.
     """
 
     def __init__(self, insert_layer: int, mode: str, **kwargs: Any):
@@ -94,14 +135,35 @@ class GroundedCache(DynamicCache):
         self.insert_layer = insert_layer
         self.mode = mode
         self.key_masks: dict[str, torch.Tensor] = {}
+        self.low_index: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
+
+    def _rows(self, pick: Any) -> None:
+        """Apply ``pick`` (a function of a ``[B, …]`` tensor) to every per-sample tensor the cache keeps."""
+        self.key_masks = {seg: pick(m) for seg, m in self.key_masks.items()}
+        if self.low_index is not None:
+            self.low_index = pick(self.low_index)
+        if self.next_position is not None:
+            self.next_position = pick(self.next_position)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rows(lambda t: t.repeat_interleave(repeats, 0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rows(lambda t: t[indices])
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        raise GroundingError("a GroundedCache cannot be cropped (assisted or speculative decoding is not supported)")
 
     def repeat_rows(self, repeats: int) -> "GroundedCache":
         """Repeat every sample ``repeats`` times in place (score many continuations of one prefix)."""
         self.batch_repeat_interleave(repeats)
-        self.key_masks = {seg: m.repeat_interleave(repeats, 0) for seg, m in self.key_masks.items()}
-        if self.next_position is not None:
-            self.next_position = self.next_position.repeat_interleave(repeats, 0)
         return self
 
     def layer_lengths(self) -> list[int]:
@@ -132,16 +194,27 @@ class DecoderParts:
     lm_head: Any
 
 
+@dataclass
+class GroundedOutput:
+    """What :func:`grounded_forward` returns (shapes in the module docstring)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: GroundedCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
 def decoder_parts(model: Any) -> DecoderParts:
     """The :class:`DecoderParts` of a supported causal LM (or ``model`` itself if it already is one)."""
     parts = model if isinstance(model, DecoderParts) else DecoderParts(
         getattr(model, "config", None), getattr(model, "model", None), getattr(model, "lm_head", None))
     model_type = getattr(parts.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"grounded_forward supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, "
-                         f"not model_type {model_type!r}")
+        raise GroundingError(f"grounded_forward supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, "
+                             f"not model_type {model_type!r}")
     if parts.model is None or not hasattr(parts.model, "layers") or parts.lm_head is None:
-        raise InputError(f"{type(model).__name__}: expected a *ForCausalLM with .model.layers and .lm_head")
+        raise GroundingError(f"{type(model).__name__}: expected a *ForCausalLM with .model.layers and .lm_head")
     return parts
 
 
@@ -155,28 +228,62 @@ def _check_sliding_window(config: Any, length: int) -> None:
     window = getattr(config, "sliding_window", None)
     uses = getattr(config, "use_sliding_window", True)
     if window is not None and uses and length > window:
-        raise InputError(f"sequence length {length} exceeds the model's sliding window {window}, "
-                         "which grounded_forward does not implement")
+        raise GroundingError(f"sequence length {length} exceeds the model's sliding window {window}, "
+                             "which grounded_forward does not implement")
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_cache_kwarg(layer_type: type) -> str:
+    """The keyword the installed decoder layer takes its cache by (``cache``, or ``past_key_values`` before 5.24)."""
+    params = inspect.signature(layer_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextmanager
+def _attention_weights(layers: Any, sink: list | None) -> Iterator[None]:
+    """Append each layer's attention weights ``[B, H, Q, S]`` to ``sink`` (None: record nothing)."""
+    if sink is None:
+        yield
+        return
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise GroundingError("output_attentions needs eager attention: "
+                                 "model.set_attn_implementation('eager') (sdpa and flash return no weights)")
+        sink.append(weights)
+
+    handles = [layer.self_attn.register_forward_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _run_layers(layers: Any, hidden: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor, rotary: Any,
-                cache: GroundedCache | None, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: GroundedCache | None, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+                states: list | None = None, weights: list | None = None) -> torch.Tensor:
+    """Run ``layers`` in order; append each output to ``states`` and each attention map to ``weights``."""
     if not len(layers):
         return hidden
     if cos_sin is None:
         cos_sin = rotary(hidden, position_ids=positions)
-    for layer in layers:
-        out = layer(hidden, attention_mask=mask4d, position_ids=positions, past_key_values=cache,
-                    use_cache=cache is not None, position_embeddings=cos_sin)
-        hidden = out[0] if isinstance(out, tuple) else out
+    with _attention_weights(layers, weights):
+        for layer in layers:
+            out = layer(hidden, attention_mask=mask4d, position_ids=positions, use_cache=cache is not None,
+                        position_embeddings=cos_sin, **{_layer_cache_kwarg(type(layer)): cache})
+            hidden = out[0] if isinstance(out, tuple) else out
+            if states is not None:
+                states.append(hidden)
     return hidden
 
 
 def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch.Tensor | None, insert_layer: int,
                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                     past_key_values: GroundedCache | None = None, use_cache: bool = False,
-                     mode: str = "splice", logits_to_keep: int = 0,
-                     return_logits: bool = True) -> CausalLMOutputWithPast:
+                     cache: GroundedCache | None = None, use_cache: bool = False, mode: str = "splice",
+                     logits_to_keep: int = 0, return_logits: bool = True, output_hidden_states: bool = False,
+                     output_attentions: bool = False) -> GroundedOutput:
     """Run ``model`` with the rows marked by ``vision_mask`` entering at layer ``insert_layer``.
 
     Args:
@@ -185,66 +292,74 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         inputs_embeds: ``[B, T, d]`` the full sequence, projected vision rows already in place.
         vision_mask: ``[B, T]`` bool, True at vision rows (any count per sample, zero included); None = no vision.
         insert_layer: ``L`` in ``[0, N]``. 0 is the ordinary model; N sends vision rows to the final norm only.
-        attention_mask: ``[B, T]`` 1 = attend, 0 = padding (left or right). With ``past_key_values`` it covers
-            the new rows only; the cache remembers the past.
+        attention_mask: ``[B, T]`` 1 = attend, 0 = padding (left or right). With ``cache`` it covers the new rows
+            only; the cache remembers the past.
         labels: ``[B, T]`` token ids, -100 = ignored; the usual shifted cross-entropy is returned as ``loss``.
-        past_key_values: a :class:`GroundedCache` from a previous call (new rows must be text rows).
-        use_cache: return a :class:`GroundedCache` in ``past_key_values``.
+        cache: a :class:`GroundedCache` from a previous call (new rows must be text rows).
+        use_cache: return a :class:`GroundedCache` in ``cache``.
         mode: ``"splice"`` (vision rows absent below L) or ``"mask"`` (present but masked; same text outputs).
         logits_to_keep: ``k > 0`` computes logits for the last ``k`` rows only (``[B, k, V]``; no loss then).
         return_logits: False with ``labels`` runs the head only on the rows that predict a label (the loss is the
             same; ``logits`` is None) — in instruction tuning most rows are unsupervised, so this saves most of the
             head's cost.
+        output_hidden_states / output_attentions: return per-layer states / attention maps (module docstring).
 
     Returns:
-        ``CausalLMOutputWithPast`` with ``logits [B, T, V]`` and ``loss`` when ``labels`` is given.
+        :class:`GroundedOutput` with ``logits [B, T, V]``, ``loss`` when ``labels`` is given, ``cache``.
     """
     parts = decoder_parts(model)
     base, lm_head, config = parts.model, parts.lm_head, parts.config
     n_layers = len(base.layers)
     if isinstance(insert_layer, bool) or not isinstance(insert_layer, int) or not 0 <= insert_layer <= n_layers:
-        raise InputError(f"insert_layer must be an integer in [0, {n_layers}], got {insert_layer!r}")
+        raise GroundingError(f"insert_layer must be an integer in [0, {n_layers}], got {insert_layer!r}")
     if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        raise GroundingError(f"mode must be one of {MODES}, got {mode!r}")
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-        raise InputError(f"inputs_embeds must be [B, T, {config.hidden_size}], got {tuple(inputs_embeds.shape)}")
+        raise GroundingError(f"inputs_embeds must be [B, T, {config.hidden_size}], got {tuple(inputs_embeds.shape)}")
     b, t, _ = inputs_embeds.shape
     device = inputs_embeds.device
     if vision_mask is None:
         vision_mask = torch.zeros(b, t, dtype=torch.bool, device=device)
     if tuple(vision_mask.shape) != (b, t):
-        raise InputError(f"vision_mask must be [B, T] = {(b, t)}, got {tuple(vision_mask.shape)}")
+        raise GroundingError(f"vision_mask must be [B, T] = {(b, t)}, got {tuple(vision_mask.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones(b, t, dtype=torch.long, device=device)
     if tuple(attention_mask.shape) != (b, t):
-        raise InputError(f"attention_mask must be [B, T] = {(b, t)} (new rows only when continuing a cache), "
-                         f"got {tuple(attention_mask.shape)}")
+        raise GroundingError(f"attention_mask must be [B, T] = {(b, t)} (new rows only when continuing a cache), "
+                             f"got {tuple(attention_mask.shape)}")
     if labels is not None and tuple(labels.shape) != (b, t):
-        raise InputError(f"labels must be [B, T] = {(b, t)}, got {tuple(labels.shape)}")
+        raise GroundingError(f"labels must be [B, T] = {(b, t)}, got {tuple(labels.shape)}")
     vision_mask = vision_mask.bool()
     attn = attention_mask.bool()
     layers = base.layers
     low, high = layers[:insert_layer], layers[insert_layer:]
     dtype = inputs_embeds.dtype
+    states_low = [] if output_hidden_states else None
+    states_high = [] if output_hidden_states else None
+    weights_low = [] if output_attentions else None
+    weights_high = [] if output_attentions else None
+    rows = torch.arange(t, device=device).expand(b, t)
 
-    if past_key_values is not None:
-        cache = past_key_values
+    if cache is not None:
         if not isinstance(cache, GroundedCache):
-            raise InputError("past_key_values must be the GroundedCache returned by grounded_forward")
+            raise GroundingError("the cache must be the GroundedCache returned by grounded_forward")
         if cache.insert_layer != insert_layer or cache.mode != mode:
-            raise InputError(f"cache was built with insert_layer={cache.insert_layer}, mode={cache.mode!r}; "
-                             f"got insert_layer={insert_layer}, mode={mode!r}")
+            raise GroundingError(f"cache was built with insert_layer={cache.insert_layer}, mode={cache.mode!r}; "
+                                 f"got insert_layer={insert_layer}, mode={mode!r}")
         if vision_mask.any():
-            raise InputError("vision rows can only be given in the first (prefill) call, not with a cache")
+            raise GroundingError("vision rows can only be given in the first (prefill) call, not with a cache")
         positions = full_positions(attn, cache.next_position)
         _check_sliding_window(config, int(cache.next_position.max()) + t)
+        s_past = cache.key_masks["high"].shape[1]
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
+        low_index = torch.cat([cache.low_index, rows + s_past], 1)
         cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in both segments
         hidden = _run_layers(low, inputs_embeds, causal_key_mask(masks["low"], t, dtype), positions,
-                             base.rotary_emb, cache, cos_sin)
+                             base.rotary_emb, cache, cos_sin, states_low, weights_low)
         hidden = _run_layers(high, hidden, causal_key_mask(masks["high"], t, dtype), positions, base.rotary_emb,
-                             cache, cos_sin)
-        cache.key_masks = masks
+                             cache, cos_sin, states_high, weights_high)
+        if weights_low:  # low keys are a subset of the full sequence's rows
+            weights_low = [scatter_attention(w, rows, low_index, t, s_past + t) for w in weights_low]
     else:
         cache = GroundedCache(insert_layer, mode) if use_cache else None
         positions = full_positions(attn)
@@ -252,39 +367,59 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         hidden = inputs_embeds
         if insert_layer > 0 and mode == "splice":
             index, valid = pack_rows(~vision_mask)
-            expand = index[..., None].expand(-1, -1, inputs_embeds.shape[-1])
-            stream = inputs_embeds.gather(1, expand)
+            waiting = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
             low_keys = attn.gather(1, index) & valid
-            stream = _run_layers(low, stream, causal_key_mask(low_keys, stream.shape[1], dtype),
-                                 positions.gather(1, index), base.rotary_emb, cache)
-            # splice: text rows take their layer-L input from the stream; vision rows keep inputs_embeds
-            src = torch.where(valid[..., None], stream, inputs_embeds.gather(1, expand))
-            hidden = inputs_embeds.scatter(1, expand, src)
+            stream = _run_layers(low, waiting, causal_key_mask(low_keys, index.shape[1], dtype),
+                                 positions.gather(1, index), base.rotary_emb, cache, None, states_low, weights_low)
+
+            def unpack(s: torch.Tensor) -> torch.Tensor:
+                """Text rows from the stream; vision rows (and the left fill) keep the rows they enter with."""
+                return scatter_rows(inputs_embeds, index, torch.where(valid[..., None], s, waiting))
+
+            hidden = unpack(stream)
+            if states_low is not None:
+                states_low = [unpack(s) for s in states_low]
+            if weights_low is not None:
+                weights_low = [scatter_attention(w * valid[:, None, :, None], index, index, t, t)
+                               for w in weights_low]
+            low_index = index
         elif insert_layer > 0:
             low_keys = attn & ~vision_mask
             hidden = _run_layers(low, inputs_embeds, causal_key_mask(low_keys, t, dtype), positions,
-                                 base.rotary_emb, cache)
+                                 base.rotary_emb, cache, None, states_low, weights_low)
             hidden = torch.where(vision_mask[..., None], inputs_embeds, hidden)
+            if states_low is not None:
+                states_low = [torch.where(vision_mask[..., None], inputs_embeds, s) for s in states_low]
+            if weights_low is not None:
+                weights_low = [w * (~vision_mask)[:, None, :, None] for w in weights_low]
+            low_index = rows
         else:
-            low_keys = attn[:, :0]
-        hidden = _run_layers(high, hidden, causal_key_mask(attn, t, dtype), positions, base.rotary_emb, cache)
-        if cache is not None:
-            cache.key_masks = {"low": low_keys, "high": attn}
+            low_keys, low_index = attn[:, :0], rows[:, :0]
+        hidden = _run_layers(high, hidden, causal_key_mask(attn, t, dtype), positions, base.rotary_emb, cache,
+                             None, states_high, weights_high)
+        masks = {"low": low_keys, "high": attn}
     if cache is not None:
-        start = past_key_values.next_position if past_key_values is not None else 0
+        start = cache.next_position if cache.next_position is not None else 0
+        cache.key_masks, cache.low_index = masks, low_index
         cache.next_position = start + attn.long().sum(1)  # positions count attended rows only
 
+    hidden_states = attentions = None
+    if output_hidden_states:
+        hidden_states = (inputs_embeds, *states_low, *states_high)
+        hidden_states = (*hidden_states[:-1], base.norm(hidden_states[-1]))  # HF: the last one after the norm
+    if output_attentions:  # padding queries attend nowhere
+        attentions = tuple(w * attn[:, None, :, None] for w in (*weights_low, *weights_high))
     if logits_to_keep:
         if labels is not None:
-            raise InputError("logits_to_keep cannot be combined with labels")
+            raise GroundingError("logits_to_keep cannot be combined with labels")
         hidden = hidden[:, -logits_to_keep:]
+    out = GroundedOutput(cache=cache if use_cache else None, hidden_states=hidden_states, attentions=attentions)
     if labels is not None and not return_logits:
         predicts = labels[:, 1:] != -100  # row t predicts label t+1
-        rows = base.norm(hidden[:, :-1][predicts])
-        loss = torch.nn.functional.cross_entropy(lm_head(rows).float(), labels[:, 1:][predicts])
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=cache if use_cache else None)
-    logits = lm_head(base.norm(hidden))
-    loss = None
+        supervised = base.norm(hidden[:, :-1][predicts])
+        out.loss = torch.nn.functional.cross_entropy(lm_head(supervised).float(), labels[:, 1:][predicts])
+        return out
+    out.logits = lm_head(base.norm(hidden))
     if labels is not None:
-        loss = causal_lm_loss(logits, labels)
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        out.loss = causal_lm_loss(out.logits, labels)
+    return out

@@ -1,22 +1,12 @@
-"""The grounded LLaVA-format VLM: frozen vision tower → projector → LLaMA-family LM with vision rows entering at L.
+"""Assembling, saving and loading grounded VLMs (the model itself: :mod:`.modeling_grounded_llava`).
 
-Built on HF's LLaVA conventions, so it saves, loads and generates like any HF model:
-
-- :class:`GroundedLlavaConfig` is a ``LlavaConfig`` (``vision_config``, ``text_config``, ``image_token_index``,
-  ``vision_feature_layer`` (−2), ``vision_feature_select_strategy`` (``"default"`` drops CLS and register tokens))
-  plus ``insert_layer`` L, ``vision_pool`` (average-pool the patch grid with this kernel; 1 = off),
-  ``projector_type`` (``"mlp"``: LLaVA's Linear–GELU–Linear, ``"linear"``) and ``grounding_mode``.
-- :class:`GroundedLlavaForConditionalGeneration` is a ``LlavaForConditionalGeneration`` whose projector carries a
-  learnable scalar ``gain`` (scale matching, see the trainer) and whose language model runs through
-  :func:`~pg_train.grounding.grounded_forward`. With ``insert_layer=0``, no pooling and ``gain=1`` it computes
-  exactly what HF's ``LlavaForConditionalGeneration`` computes with the same weights (tested).
-- An HF LLaVA checkpoint loads with any L through :func:`load_vlm` (``load_vlm("llava", insert_layer=4)``): HF
-  reads it as ``LlavaForConditionalGeneration`` and its parts move into this class; the projector gain starts at 1.
-
-The image pipeline is split where the frozen part ends, so a trainer can cache it:
-``encode_images(pixel_values)`` (tower → feature layer → selection → pooling, ``[B, P, D_v]``) and
-``project(features)`` (projector, ``[B, P, d]``). ``forward`` accepts ``pixel_values`` or the cached
-``vision_features``; placeholder tokens in ``input_ids`` must already be expanded to ``num_image_tokens`` each.
+- :func:`build_vlm` puts a pretrained vision encoder and causal LM (registry aliases, folders or hub ids) together
+  with a fresh projector; :class:`VLM` carries the model with its tokenizer (``<image>`` added) and image processor.
+- :meth:`VLM.save` writes an HF folder that loads with transformers alone
+  (``AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)``): the modelling code travels
+  with the weights.
+- :func:`load_vlm` loads such a folder, or an HF LLaVA checkpoint at any L (``load_vlm("llava", insert_layer=4)``):
+  HF reads it as ``LlavaForConditionalGeneration`` and its parts move into the grounded class.
 
 >>> vlm = build_vlm("dinov2-small-imgfocus", "smollm2-135m", insert_layer=4, vision_pool=4)  # doctest: +SKIP
 >>> vlm.model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8)  # doctest: +SKIP
@@ -29,250 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.dataclasses import strict
-from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
-from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModel, LlavaPreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from pg_analysis.errors import InputError
 
-from .grounding import MODES, DecoderParts, GroundedCache, grounded_forward
+from .configuration_grounded_llava import GroundedLlavaConfig
+from .conversations import IMAGE_TOKEN
+from .modeling_grounded_llava import GroundedLlavaForConditionalGeneration, VisionProjector
 
-IMAGE_TOKEN = "<image>"
-PROJECTOR_TYPES = ("mlp", "linear")
-
-
-@strict
-class GroundedLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` + the grounding options (see module docstring). Validates itself; no I/O."""
-
-    model_type = "pg_llava"
-    insert_layer: int = 0
-    vision_pool: int = 1
-    projector_type: str = "mlp"
-    grounding_mode: str = "splice"
-    vision_image_size: int = 0  # pixels the processor feeds the tower, when not vision_config.image_size (DINOv2)
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        n = self.text_config.num_hidden_layers
-        if not 0 <= self.insert_layer <= n:
-            raise InputError(f"insert_layer must be in [0, {n}] for a {n}-layer LM, got {self.insert_layer}")
-        if self.vision_pool < 1:
-            raise InputError(f"vision_pool must be >= 1, got {self.vision_pool}")
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise InputError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
-        if self.grounding_mode not in MODES:
-            raise InputError(f"grounding_mode must be one of {MODES}, got {self.grounding_mode!r}")
-        if not isinstance(self.vision_feature_layer, int):
-            raise InputError("GroundedLlavaConfig supports a single vision_feature_layer (an int)")
-
-    @property
-    def n_prefix_tokens(self) -> int:
-        """Tokens before the patch grid in the vision tower's output (CLS + registers)."""
-        return 1 + int(getattr(self.vision_config, "num_register_tokens", 0) or 0)
-
-    @property
-    def num_image_tokens(self) -> int:
-        """Vision rows per image after selection and pooling."""
-        vc = self.vision_config
-        side = (self.vision_image_size or vc.image_size) // vc.patch_size
-        pooled = (side // self.vision_pool) ** 2
-        return pooled + (self.n_prefix_tokens if self.vision_feature_select_strategy == "full" else 0)
-
-
-class VisionProjector(nn.Module):
-    """LLaVA's projector (``linear_1``–GELU–``linear_2``, or ``linear_1`` alone) times a learnable scalar ``gain``,
-    plus a learnable ``offset`` vector: ``gain · mlp(x) + offset``.
-
-    ``gain`` (1) and ``offset`` (0) leave LLaVA's projector unchanged; ``pg-train`` sets them so the rows have the
-    norm and the mean of the LM's own token states at the insertion layer (``TrainConfig.scale_match`` /
-    ``match_mean``). Parameter names match HF's ``LlavaMultiModalProjector`` so LLaVA checkpoints load into it.
-    """
-
-    def __init__(self, config: GroundedLlavaConfig):
-        super().__init__()
-        d_in, d = config.vision_config.hidden_size, config.text_config.hidden_size
-        bias = config.multimodal_projector_bias
-        self.linear_1 = nn.Linear(d_in, d, bias=bias)
-        if config.projector_type == "mlp":
-            self.act = ACT2FN[config.projector_hidden_act]
-            self.linear_2 = nn.Linear(d, d, bias=bias)
-        self.gain = nn.Parameter(torch.ones(()))
-        self.offset = nn.Parameter(torch.zeros(d))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``features [B, P, D_v]`` → ``[B, P, d]``."""
-        h = self.linear_1(features)
-        if hasattr(self, "linear_2"):
-            h = self.linear_2(self.act(h))
-        return h * self.gain.to(h.dtype) + self.offset.to(h.dtype)
-
-
-def pool_patch_grid(patches: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Average-pool ``[B, P, D]`` patch tokens on their square ``√P × √P`` grid with ``kernel`` → ``[B, P/k², D]``."""
-    if kernel == 1:
-        return patches
-    b, p, d = patches.shape
-    side = int(round(p ** 0.5))
-    if side * side != p or side % kernel:
-        raise InputError(f"cannot pool {p} patch tokens with kernel {kernel}: need a square grid divisible by it")
-    grid = patches.transpose(1, 2).reshape(b, d, side, side)
-    return nn.functional.avg_pool2d(grid, kernel).flatten(2).transpose(1, 2)
-
-
-class _GainInit:
-    """HF initialises parameters missing from a checkpoint through ``_init_weights``: the gain starts at 1, the
-    offset at 0 (a checkpoint saved before the offset existed loads unchanged)."""
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, VisionProjector):
-            init.ones_(module.gain)
-            init.zeros_(module.offset)
-
-
-class GroundedLlavaModel(_GainInit, LlavaModel):
-    """``LlavaModel`` with :class:`VisionProjector` (vision tower, projector, language model)."""
-
-    config_class = GroundedLlavaConfig
-
-    def __init__(self, config: GroundedLlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = VisionProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
-        self.post_init()
-
-
-class GroundedLlavaForConditionalGeneration(_GainInit, LlavaForConditionalGeneration):
-    """A LLaVA whose vision rows enter the language model at layer ``config.insert_layer``."""
-
-    config_class = GroundedLlavaConfig
-
-    def __init__(self, config: GroundedLlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = GroundedLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
-
-    # -- parts ---------------------------------------------------------------------------------------------------
-
-    @property
-    def insert_layer(self) -> int:
-        return self.config.insert_layer
-
-    def set_insert_layer(self, layer: int) -> None:
-        """Change L in place (the training-free probe runs one set of weights at several L)."""
-        n = self.config.text_config.num_hidden_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-            raise InputError(f"insert_layer must be an integer in [0, {n}], got {layer!r}")
-        self.config.insert_layer = layer
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.config.num_image_tokens
-
-    def decoder_parts(self) -> DecoderParts:
-        return DecoderParts(self.config.text_config, self.model.language_model, self.lm_head)
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen part: ``pixel_values [B, 3, H, W]`` → selected, pooled features ``[B, P, D_v]``."""
-        tower = self.model.vision_tower
-        px = pixel_values.to(tower.device, tower.dtype)
-        hidden = tower(px, output_hidden_states=True, return_dict=True).hidden_states[self.config.vision_feature_layer]
-        n_prefix = self.config.n_prefix_tokens
-        if self.config.vision_feature_select_strategy == "full":
-            return torch.cat([hidden[:, :n_prefix], pool_patch_grid(hidden[:, n_prefix:], self.config.vision_pool)], 1)
-        return pool_patch_grid(hidden[:, n_prefix:], self.config.vision_pool)
-
-    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """The trained part: ``[B, P, D_v]`` → ``[B, P, d]`` in the LM's embedding space."""
-        proj = self.model.multi_modal_projector
-        return proj(vision_features.to(proj.linear_1.weight.device, proj.linear_1.weight.dtype))
-
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
-        feats = self.project(self.encode_images(pixel_values))
-        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=list(feats))
-
-    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with the projected vision rows scattered into the image-token positions.
-
-        ``vision_embeds [n_images, P, d]`` in order of appearance. Returns ``(inputs_embeds, vision_mask)``.
-        """
-        embeds = self.get_input_embeddings()(input_ids)
-        vision_mask = input_ids == self.config.image_token_index
-        n_tokens = int(vision_mask.sum())
-        n_feats = 0 if vision_embeds is None else vision_embeds.shape[0] * vision_embeds.shape[1]
-        if n_tokens != n_feats:
-            raise InputError(f"image tokens and image features do not match: {n_tokens} image tokens in input_ids, "
-                             f"{n_feats} feature rows ({self.num_image_tokens} per image)")
-        if n_feats:
-            embeds = embeds.masked_scatter(vision_mask[..., None], vision_embeds.to(embeds.dtype))
-        return embeds, vision_mask
-
-    # -- forward / generate --------------------------------------------------------------------------------------
-
-    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0,
-                vision_features: torch.Tensor | None = None, return_logits: bool = True, **kwargs: Any) -> LlavaCausalLMOutputWithPast:
-        """Shapes: ``input_ids [B, T]`` (image tokens expanded), ``pixel_values [n_images, 3, H, W]`` or
-        ``vision_features [n_images, P, D_v]`` (cached :meth:`encode_images` output), ``attention_mask [B, T]``.
-
-        With a non-empty :class:`GroundedCache` only the new rows are run: ``input_ids`` may be the new tokens or
-        the whole sequence (as ``generate`` passes it), ``attention_mask`` may cover the whole sequence; vision
-        inputs are ignored (they entered in the prefill). ``return_logits=False`` with ``labels``: loss only, the
-        head runs on supervised rows only (training).
-        """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("give exactly one of input_ids and inputs_embeds")
-        continuing = isinstance(past_key_values, GroundedCache) and past_key_values.next_position is not None
-        if past_key_values is not None and not continuing:
-            if past_key_values.get_seq_length() > 0:
-                raise InputError("past_key_values must be the GroundedCache returned by this model")
-            past_key_values = None  # an empty cache handed in by generate(): grounded_forward builds its own
-            use_cache = True
-        if continuing:
-            t_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if attention_mask is not None:
-                attention_mask = attention_mask[:, -t_new:]
-            embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
-            vision_mask = None
-            use_cache = True
-        elif inputs_embeds is not None:
-            if pixel_values is not None or vision_features is not None:
-                raise InputError("with inputs_embeds, put the vision rows in place yourself (no pixel_values)")
-            embeds, vision_mask = inputs_embeds, kwargs.pop("vision_mask", None)
-        else:
-            if pixel_values is not None and vision_features is not None:
-                raise InputError("give pixel_values or vision_features, not both")
-            if pixel_values is not None:
-                vision_features = self.encode_images(pixel_values)
-            vision_embeds = self.project(vision_features) if vision_features is not None else None
-            embeds, vision_mask = self.embed(input_ids, vision_embeds)
-        out = grounded_forward(self.decoder_parts(), embeds, vision_mask, self.config.insert_layer,
-                               attention_mask=attention_mask, labels=labels, past_key_values=past_key_values,
-                               use_cache=bool(use_cache), mode=self.config.grounding_mode,
-                               logits_to_keep=logits_to_keep if labels is None else 0, return_logits=return_logits)
-        return LlavaCausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
-                                      is_first_iteration: bool | None = False, **kwargs: Any) -> dict[str, Any]:
-        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                       is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            inputs.pop("vision_features", None)
-            inputs.pop("pixel_values", None)
-        return inputs
-
-
+# In this project's processes the classes resolve without trust_remote_code (a saved folder's auto_map serves
+# everyone else).
 AutoConfig.register(GroundedLlavaConfig.model_type, GroundedLlavaConfig, exist_ok=True)
 AutoModelForImageTextToText.register(GroundedLlavaConfig, GroundedLlavaForConditionalGeneration, exist_ok=True)
 

@@ -16,14 +16,15 @@ WORDS = ["a", "an", "the", "red", "blue", "green", "cat", "dog", "car", "tree", 
          "photo", "kangaroo", "wombat", "flower", "apple", ".", "A", "B", "C", "D", "What", "is", "this", "?"]
 
 
-def make_tokenizer(folder: Path):
+def make_tokenizer(folder: Path, add_bos: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if add_bos:  # like LLaMA's tokenizer; without, like SmolLM2's (BOS defined, never added)
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
     tok.save_pretrained(folder)
@@ -38,6 +39,24 @@ def tiny_llama_config(**kw):
                 eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     base.update(kw)
     return LlamaConfig(**base)
+
+
+def vlm_batch(image_id: int, n_image_tokens: int, batch: int = 2, seed: int = 0):
+    """``(input_ids, attention_mask, pixel_values)`` for a tiny VLM: ``batch`` left-padded prompts of different
+    lengths, one 8 px image each, its placeholder expanded to ``n_image_tokens`` rows inside the text."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        text = torch.randint(4, 20, (6 + b,), generator=g).tolist()
+        rows.append([1] + text[:3] + [image_id] * n_image_tokens + text[3:])
+    t = max(map(len, rows))
+    ids = torch.full((batch, t), 3)
+    mask = torch.zeros((batch, t), dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding
+        ids[b, t - len(r):] = torch.tensor(r)
+        mask[b, t - len(r):] = 1
+    px = torch.randn(batch, 3, 8, 8, generator=g)
+    return ids, mask, px
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from pg_analysis.errors import InputError
-from pg_train.grounding import GroundedCache, causal_key_mask, full_positions, grounded_forward, pack_rows
+from pg_train.grounding import GroundedCache, GroundingError, causal_key_mask, full_positions, grounded_forward, pack_rows
 from tests.conftest import tiny_llama_config
 
 N_LAYERS = 4
@@ -126,11 +125,11 @@ def test_cached_decoding_equals_recompute(model, layer, mode):
     steps = [torch.randn(3, 1, 32, generator=g) for _ in range(10)]
     with torch.no_grad():
         out = grounded_forward(model, embeds, vision, layer, attention_mask=attn, use_cache=True, mode=mode)
-        cache = out.past_key_values
+        cache = out.cache
         assert isinstance(cache, GroundedCache)
         full_e, full_v, full_a = embeds, vision, attn
         for step in steps:
-            out = grounded_forward(model, step, None, layer, past_key_values=cache, use_cache=True, mode=mode)
+            out = grounded_forward(model, step, None, layer, cache=cache, use_cache=True, mode=mode)
             full_e = torch.cat([full_e, step], 1)
             full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
             full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
@@ -150,7 +149,7 @@ def test_cache_positions_follow_full_sequence():
     embeds, vision, attn = _batch(6)
     with torch.no_grad():
         out = grounded_forward(m, embeds, vision, 3, attention_mask=attn, use_cache=True)
-    assert out.past_key_values.next_position.tolist() == attn.sum(1).tolist()
+    assert out.cache.next_position.tolist() == attn.sum(1).tolist()
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -188,30 +187,30 @@ def test_pack_rows_and_masks_are_pure_and_ordered():
 
 def test_bad_inputs(model):
     embeds, vision, attn = _batch()
-    with pytest.raises(InputError, match=r"insert_layer must be an integer in \[0, 4\]"):
+    with pytest.raises(GroundingError, match=r"insert_layer must be an integer in \[0, 4\]"):
         grounded_forward(model, embeds, vision, N_LAYERS + 1)
-    with pytest.raises(InputError, match="insert_layer"):
+    with pytest.raises(GroundingError, match="insert_layer"):
         grounded_forward(model, embeds, vision, -1)
-    with pytest.raises(InputError, match="vision_mask"):
+    with pytest.raises(GroundingError, match="vision_mask"):
         grounded_forward(model, embeds, vision[:, :5], 1)
-    with pytest.raises(InputError, match="inputs_embeds"):
+    with pytest.raises(GroundingError, match="inputs_embeds"):
         grounded_forward(model, embeds[..., :8], vision, 1)
-    with pytest.raises(InputError, match="attention_mask"):
+    with pytest.raises(GroundingError, match="attention_mask"):
         grounded_forward(model, embeds, vision, 1, attention_mask=attn[:, :3])
-    with pytest.raises(InputError, match="mode"):
+    with pytest.raises(GroundingError, match="mode"):
         grounded_forward(model, embeds, vision, 1, mode="dummy")
     out = grounded_forward(model, embeds, vision, 1, attention_mask=attn, use_cache=True)
-    with pytest.raises(InputError, match="prefill"):
-        grounded_forward(model, embeds, vision, 1, past_key_values=out.past_key_values)
-    with pytest.raises(InputError, match="cache was built"):
-        grounded_forward(model, embeds[:, :1], None, 2, past_key_values=out.past_key_values)
+    with pytest.raises(GroundingError, match="prefill"):
+        grounded_forward(model, embeds, vision, 1, cache=out.cache)
+    with pytest.raises(GroundingError, match="cache was built"):
+        grounded_forward(model, embeds[:, :1], None, 2, cache=out.cache)
 
 
 def test_unsupported_family():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50))
-    with pytest.raises(InputError, match="model_type 'gpt2'"):
+    with pytest.raises(GroundingError, match="model_type 'gpt2'"):
         grounded_forward(gpt2, torch.randn(1, 3, 32), None, 1)
 
 

@@ -67,3 +67,43 @@ def test_language_model_of_a_vlm_shares_its_weights(tiny_vlm_dir):
         torch.testing.assert_close(lm(ids).logits, vlm.model(input_ids=ids).logits)
     with pytest.raises(InputError):
         language_model_of(lm)
+
+
+def test_nnsight_handle_with_a_tokenizer_takes_strings(lm_and_tok, tiny_vlm_dir):
+    from pg_train.vlm import load_vlm
+
+    model, tok, _, _ = lm_and_tok
+    h = as_nnsight(model, tok)
+    with torch.no_grad(), h.trace("a red cat"):
+        hidden = h.model.layers[0].output.save()
+        logits = h.output.logits.save()
+    with torch.no_grad():
+        ref = model(**tok("a red cat", return_tensors="pt"), output_hidden_states=True)
+    torch.testing.assert_close(logits, ref.logits)
+    torch.testing.assert_close(hidden, ref.hidden_states[1])  # block 0's output
+    vlm = load_vlm(tiny_vlm_dir)  # a grounded VLM takes text-only strings the same way
+    hv = as_nnsight(vlm.model, vlm.tokenizer)
+    with torch.no_grad(), hv.trace("a blue dog"):
+        vlm_logits = hv.output.logits.save()
+    with torch.no_grad():
+        torch.testing.assert_close(vlm_logits, vlm.model(**vlm.tokenizer("a blue dog", return_tensors="pt")).logits)
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_transformer_lens_prepends_bos_exactly_when_the_hf_tokenizer_does(lm_and_tok, tmp_path, adds_bos):
+    from transformers import AutoTokenizer
+
+    from pg_analysis.interp import tokenizer_adds_bos
+    from tests.conftest import make_tokenizer
+
+    model, _, _, _ = lm_and_tok
+    make_tokenizer(tmp_path, add_bos=adds_bos)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer_adds_bos(tok) is adds_bos
+    bridge = as_transformer_lens(model, tok)
+    text = "a red cat"
+    assert bridge.to_tokens(text)[0].tolist() == tok(text).input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(text), model(**tok(text, return_tensors="pt")).logits, atol=1e-5, rtol=1e-5)
+    forced = as_transformer_lens(model, tok, prepend_bos=True)
+    assert forced.to_tokens(text)[0].tolist() == [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids

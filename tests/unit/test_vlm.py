@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from pg_analysis.errors import InputError
-from pg_train.vlm import GroundedLlavaConfig, build_vlm, load_vlm, pool_patch_grid
-from tests.conftest import tiny_llama_config
+from pg_train.configuration_grounded_llava import GroundedLlavaConfig
+from pg_train.grounding import GroundingError
+from pg_train.modeling_grounded_llava import pool_patch_grid
+from pg_train.vlm import build_vlm, load_vlm
+from tests.conftest import tiny_llama_config, vlm_batch
 
 N_LAYERS = 3  # tiny_llama_config
 
@@ -15,27 +18,11 @@ def hf_llava(tiny_hf_llava):
     return tiny_hf_llava
 
 
-def _inputs(image_id, n_image_tokens, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        text = torch.randint(4, 20, (6 + b,), generator=g).tolist()
-        rows.append([1] + text[:3] + [image_id] * n_image_tokens + text[3:])
-    t = max(map(len, rows))
-    ids = torch.full((batch, t), 3)
-    mask = torch.zeros((batch, t), dtype=torch.long)
-    for b, r in enumerate(rows):  # left padding
-        ids[b, t - len(r):] = torch.tensor(r)
-        mask[b, t - len(r):] = 1
-    px = torch.randn(batch, 3, 8, 8, generator=g)
-    return ids, mask, px
-
-
 def test_insert_layer_zero_equals_hf_llava(hf_llava):
     folder, hf = hf_llava
     vlm = load_vlm(folder)
     assert vlm.model.insert_layer == 0 and vlm.model.num_image_tokens == 16
-    ids, mask, px = _inputs(vlm.image_token_id, 16)
+    ids, mask, px = vlm_batch(vlm.image_token_id, 16)
     with torch.no_grad():
         ours = vlm.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px,
@@ -50,7 +37,7 @@ def test_hf_llava_loads_with_any_insert_layer(hf_llava):
     assert vlm.model.config.insert_layer == 2
     assert vlm.model.model.multi_modal_projector.gain.item() == 1.0
     assert not vlm.model.model.multi_modal_projector.offset.any()  # LLaVA's projector, unchanged
-    ids, mask, px = _inputs(vlm.image_token_id, 16)
+    ids, mask, px = vlm_batch(vlm.image_token_id, 16)
     with torch.no_grad():
         grounded = vlm.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         vlm.model.set_insert_layer(0)
@@ -80,7 +67,7 @@ def test_save_load_round_trip(built, tmp_path):
     assert again.model.model.multi_modal_projector.gain.item() == 2.5
     torch.testing.assert_close(again.model.model.multi_modal_projector.offset,
                                built.model.model.multi_modal_projector.offset, atol=0, rtol=0)
-    ids, mask, px = _inputs(built.image_token_id, 4)
+    ids, mask, px = vlm_batch(built.image_token_id, 4)
     with torch.no_grad():
         a = built.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         b = again.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
@@ -91,7 +78,7 @@ def test_save_load_round_trip(built, tmp_path):
 @pytest.mark.parametrize("layer", [0, 1, N_LAYERS])
 def test_generate_with_cache_equals_without(built, layer):
     built.model.set_insert_layer(layer)
-    ids, mask, px = _inputs(built.image_token_id, 4, seed=layer)
+    ids, mask, px = vlm_batch(built.image_token_id, 4, seed=layer)
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, do_sample=False,
               pad_token_id=3, eos_token_id=None, suppress_tokens=[built.image_token_id])
     with torch.no_grad():
@@ -103,7 +90,7 @@ def test_generate_with_cache_equals_without(built, layer):
 
 def test_cached_features_equal_pixel_path(built):
     built.model.set_insert_layer(1)
-    ids, mask, px = _inputs(built.image_token_id, 4)
+    ids, mask, px = vlm_batch(built.image_token_id, 4)
     with torch.no_grad():
         a = built.model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         b = built.model(input_ids=ids, attention_mask=mask, vision_features=built.model.encode_images(px)).logits
@@ -111,10 +98,10 @@ def test_cached_features_equal_pixel_path(built):
 
 
 def test_image_token_count_mismatch_is_a_clear_error(built):
-    ids, mask, px = _inputs(built.image_token_id, 3)
-    with pytest.raises(InputError, match="image tokens and image features do not match"):
+    ids, mask, px = vlm_batch(built.image_token_id, 3)
+    with pytest.raises(GroundingError, match="image tokens and image features do not match"):
         built.model(input_ids=ids, attention_mask=mask, pixel_values=px)
-    with pytest.raises(InputError, match="do not match"):
+    with pytest.raises(GroundingError, match="do not match"):
         built.model(input_ids=ids, attention_mask=mask)
 
 
@@ -122,9 +109,9 @@ def test_config_validates(tiny_models):
     from transformers import CLIPVisionConfig
 
     vc = CLIPVisionConfig.from_pretrained(tiny_models["clip"])
-    with pytest.raises(InputError, match="insert_layer"):
+    with pytest.raises(GroundingError, match="insert_layer"):
         GroundedLlavaConfig(vision_config=vc, text_config=tiny_llama_config(), insert_layer=N_LAYERS + 1)
-    with pytest.raises(InputError, match="projector_type"):
+    with pytest.raises(GroundingError, match="projector_type"):
         GroundedLlavaConfig(vision_config=vc, text_config=tiny_llama_config(), projector_type="qformer")
 
 
@@ -132,7 +119,7 @@ def test_pool_patch_grid_averages_square_blocks():
     x = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)  # 4×4 grid, row-major
     pooled = pool_patch_grid(x, 2)
     assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
-    with pytest.raises(InputError):
+    with pytest.raises(GroundingError):
         pool_patch_grid(torch.zeros(1, 15, 1), 2)
 
 
@@ -142,7 +129,7 @@ def test_attention_kernels_agree_and_auto_picks_eager_on_cpu(built, layer):
 
     model = built.model
     model.set_insert_layer(layer)
-    ids, mask, px = _inputs(built.image_token_id, 4, seed=7)  # left-padded: the explicit mask matters
+    ids, mask, px = vlm_batch(built.image_token_id, 4, seed=7)  # left-padded: the explicit mask matters
     logits = {}
     try:
         for kernel in ("sdpa", "eager"):
