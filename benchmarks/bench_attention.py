@@ -22,7 +22,7 @@ import torch
 
 def main() -> None:
     from pg_train.datasets import collate
-    from pg_train.trainer import TrainConfig, _stage_batches, precision_context, prepare, set_trainable
+    from pg_train.trainer import TrainConfig, stage_batches, precision_context, prepare, set_trainable
     from pg_train.vlm import use_attention
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +43,7 @@ def main() -> None:
     pad = prepared.vlm.tokenizer.pad_token_id
     batches = [collate(exs, pad, prepared.features, flips)
                for step in range(40, 40 + args.batches)
-               for exs, flips in _stage_batches(cfg, prepared, 2, step, 1, 0)]
+               for exs, flips, _twins in stage_batches(cfg, prepared, 2, step, 1, 0)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"L={args.layer}, {args.precision}, {len(batches)} batches of {cfg.batch_size}, "
           f"lengths {[b['input_ids'].shape[1] for b in batches]}, {torch.get_num_threads()} threads")

@@ -28,6 +28,8 @@ import numpy as np
 
 from pg_analysis import plots
 from pg_analysis.runinfo import atomic_write_bytes
+from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, BENCH_RESULT, EVAL_DIR, EVAL_RESULT, RECOMMEND_RESULT,
+                             TRAIN_LOG)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -43,7 +45,7 @@ def sweep_points(sweep: Path, metric: str = "rank4") -> list[dict[str, Any]]:
     """One point per ``<sweep>/L*/eval/eval.json``: L, predicted prefill saving, accuracy (``metric``) and CI."""
     points = []
     for folder in sorted(sweep.glob("L*"), key=_layer_of):
-        ev = _json(folder / "eval" / "eval.json")
+        ev = _json(folder / EVAL_DIR / EVAL_RESULT)
         if ev is None or "efficiency" not in ev:
             continue
         acc = ev[metric]["image"]
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     made, skipped = [], []
 
-    rec = _json(at(args.recommend, "recommend") / "recommend.json")
+    rec = _json(at(args.recommend, "recommend") / RECOMMEND_RESULT)
     points = sweep_points(at(args.sweep, "sweep"))
     if points:
         plots.tradeoff_figure(points, out / "fig1_tradeoff.png", rec["recommended_layer"] if rec else None)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         skipped.append(f"fig1_tradeoff.png (no {at(args.sweep, 'sweep')}/L*/eval/eval.json)")
 
-    align = _json(at(args.align, "align") / "alignment.json")
+    align = _json(at(args.align, "align") / ALIGN_RESULT)
     if align:
         plots.alignment_heatmap(align, out / "fig2_alignment.png")
         made.append("fig2_alignment.png")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped.append(f"fig2_alignment.png (no {at(args.align, 'align')}/alignment.json)")
 
     am_dir = at(args.attnmap, "attnmap")
-    am = _json(am_dir / "attnmap.json")
+    am = _json(am_dir / ATTNMAP_RESULT)
     if am and (am_dir / "attention.npy").is_file():
         attention = np.load(am_dir / "attention.npy")
         shown = np.asarray(am["shown_tokens"])
@@ -131,19 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         runs.glob("train-L*"), key=_layer_of)
     logs = {}
     for run in loss_runs:
-        if (run / "log.jsonl").is_file():
-            logs[run.name] = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        if (run / TRAIN_LOG).is_file():
+            logs[run.name] = [json.loads(line) for line in (run / TRAIN_LOG).read_text().splitlines()]
     if logs:
         plots.loss_curve_figure(logs, out / "fig7_loss.png")
         made.append("fig7_loss.png")
     else:
         skipped.append("fig7_loss.png (no log.jsonl in the --loss-runs)")
 
-    evals = {run.name: ev for run in loss_runs if (ev := _json(run / "eval" / "eval.json"))}
+    evals = {run.name: ev for run in loss_runs if (ev := _json(run / EVAL_DIR / EVAL_RESULT))}
     sweep_dir = at(args.sweep, "sweep")
     evals.update({f"sweep/{f.name}": ev for f in sorted(sweep_dir.glob("L*"), key=_layer_of)
-                  if (ev := _json(f / "eval" / "eval.json"))})
-    bench = _json(at(args.bench, "bench") / "bench.json")
+                  if (ev := _json(f / EVAL_DIR / EVAL_RESULT))})
+    bench = _json(at(args.bench, "bench") / BENCH_RESULT)
     if evals or bench:
         atomic_write_bytes(out / "table4.md", table4(evals, bench).encode())
         made.append("table4.md")

@@ -10,7 +10,7 @@ Output folder (written under a temp name, renamed when complete):
 - ``null.npy`` — ``[P, Lv, Ll]`` grids under P random re-pairings (absent when ``null=0``);
 - ``alignment.json`` — best cell, per-LM-layer profile, null mean/std, z-scores and p-values per cell;
 - ``heatmap.png`` — the grid in the paper's orientation (LM layers vertical) and the z-score panel;
-- ``config.json`` — every option, runtime, package versions, git commit, feature-cache files.
+- ``run.json`` — every option, runtime, package versions, git commit, feature-cache files.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .errors import InputError
 from .metrics import get_metric, grid_from_states, prepare_layers
 from .preprocess import preprocess_features
 from .registry import DEFAULT_LM, DEFAULT_VISION
-from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_result_json, run_metadata
+from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json
+from .runs import ALIGN_RESULT, read_result_json, write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,12 @@ def save_align_result(result: AlignResult, out_dir: Path) -> Path:
             np.save(buf, result.null.astype(np.float32))
             atomic_write_bytes(tmp / "null.npy", buf.getvalue())
         summary = result.summary()
-        atomic_write_json(tmp / "alignment.json", summary)
-        atomic_write_json(tmp / "config.json", {"command": "pg-align", "config": result.config.to_dict(),
-                                                "sample_ids": result.sample_ids, **result.info, **run_metadata()})
+        atomic_write_json(tmp / ALIGN_RESULT, summary)
+        write_run_record(tmp, "pg-align", result.config.to_dict(), sample_ids=result.sample_ids, **result.info)
         alignment_heatmap(summary, tmp / "heatmap.png")
     return out_dir
 
 
 def load_align_result(out_dir: Path) -> dict[str, Any]:
     """Read a saved result's ``alignment.json`` (figures and recommend use this; no model is loaded)."""
-    return read_result_json(out_dir, "alignment.json", "pg-align")
+    return read_result_json(out_dir, ALIGN_RESULT, "pg-align")

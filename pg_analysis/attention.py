@@ -10,9 +10,10 @@ reads the same module outputs inside an nnsight trace. Either runs the VLM's own
 (L > 0) the "mask" grounding mode is used, so every layer sees the whole sequence and layers below L give exactly
 zero attention to the vision rows they never see.
 
-Pipeline (:func:`run_attnmap`): a LLaVA-format VLM (a pg-train run or an HF LLaVA checkpoint) answers 4-way
-multiple-choice questions built from image–caption pairs (one forward pass each, the answer is one letter); the
-per-layer ``[layers, V]`` mean over prompts is saved with a seeded sample of the vision tokens to show.
+Pipeline (``run_attnmap``, beside the code that loads VLMs): a LLaVA-format VLM (a pg-train run or an HF
+LLaVA checkpoint) answers 4-way multiple-choice questions built from image–caption pairs (one forward pass each,
+the answer is one letter); :func:`attention_map` gives the per-layer ``[layers, V]`` mean over prompts, saved by
+:func:`save_attnmap` with a seeded sample of the vision tokens to show.
 The image span is found from the image-token id, never hard-coded.
 """
 
@@ -125,18 +126,13 @@ def _weights_of(output: Any, layer: int) -> torch.Tensor:
 def capture_hf(model: Any, batch: dict[str, torch.Tensor], queries: torch.Tensor,
                vision_mask: torch.Tensor) -> torch.Tensor:
     """``[layers, B, V]`` via forward hooks on the HF attention modules during the VLM's own forward."""
-    found: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, module in enumerate(_attention_modules(model)):
-        def hook(_m: Any, _args: Any, output: Any, i: int = i) -> None:
-            found[i] = vision_attention(_weights_of(output, i), queries, vision_mask)
-        handles.append(module.register_forward_hook(hook))
-    try:
+    from .interp import capture_outputs
+
+    modules = _attention_modules(model)
+    reduce = lambda i, output: vision_attention(_weights_of(output, i), queries, vision_mask)  # noqa: E731
+    with capture_outputs(modules, reduce) as found:
         model(**batch, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack([found[i] for i in range(len(handles))])
+    return torch.stack([found[i] for i in range(len(modules))])
 
 
 @torch.no_grad()
@@ -245,46 +241,23 @@ def attention_map(pm: Any, prompts: Any, query: str = "text", backend: str = "hf
     return (total / count).float().numpy()
 
 
-def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:
-    """Load the VLM and the pairs, build the MCQ prompts, measure, return the result (nothing written)."""
-    from pg_train.probe import load_prompt_model, mcq_prompts, mcq_records
-
-    from .assets import cache_root
-    from .data import load_pairs, select
-    from .models import pick_runtime
-
-    pm = load_prompt_model(cfg.vlm, runtime=pick_runtime(cfg.device, "float32"))
-    pairs = load_pairs(cfg.data, cfg.coco_root)
-    n = min(cfg.n, len(pairs))
-    records = mcq_records(select(pairs, n, cfg.seed), cfg.seed)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
-    prompts = mcq_prompts(pm, records, cache, progress=progress)
-    t0 = time.perf_counter()
-    attention = attention_map(pm, prompts, cfg.query, cfg.backend, cfg.batch_size, progress)
-    info = {"seconds": time.perf_counter() - t0, "template": pm.template, "requested_n": cfg.n,
-            "vision_tokens": int(attention.shape[1]), "layers": int(attention.shape[0]),
-            "mean_prompt_tokens": float(np.mean([len(e.input_ids) for e in prompts.examples]))}
-    return AttnmapResult(cfg, attention, sample_tokens(attention.shape[1], cfg.show_tokens, cfg.seed), len(records),
-                         pm.model.insert_layer, info)
-
-
 def save_attnmap(result: AttnmapResult, out_dir: Path) -> Path:
-    """``attention.npy [layers, V]``, ``attnmap.json`` (summary), ``config.json``, and the figures
+    """``attention.npy [layers, V]``, ``attnmap.json`` (summary), ``run.json``, and the figures
     ``attention_all.png`` (Fig. 6), ``attention_skip{k}.png`` (Fig. 3) and ``profile.png``; atomically."""
     import io
 
     from .plots import attention_heatmap, attention_profile_figure
-    from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json, run_metadata
+    from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json
+    from .runs import ATTENTION_ARRAY, ATTNMAP_RESULT, write_run_record
 
     out_dir = Path(out_dir)
     summary = result.summary()
     with atomic_output_dir(out_dir) as tmp:
         buf = io.BytesIO()
         np.save(buf, result.attention.astype(np.float32))
-        atomic_write_bytes(tmp / "attention.npy", buf.getvalue())
-        atomic_write_json(tmp / "attnmap.json", summary)
-        atomic_write_json(tmp / "config.json", {"command": "pg-attnmap", "config": result.config.to_dict(),
-                                                **result.info, **run_metadata()})
+        atomic_write_bytes(tmp / ATTENTION_ARRAY, buf.getvalue())
+        atomic_write_json(tmp / ATTNMAP_RESULT, summary)
+        write_run_record(tmp, "pg-attnmap", result.config.to_dict(), **result.info)
         attention_heatmap(result.attention, result.shown, tmp / "attention_all.png", skip=0, title=result.config.vlm)
         k = result.config.skip_layers
         if 0 < k < result.attention.shape[0]:
@@ -296,11 +269,11 @@ def save_attnmap(result: AttnmapResult, out_dir: Path) -> Path:
 
 def load_attnmap(out_dir: Path) -> dict[str, Any]:
     """A saved result's summary (``attnmap.json``) with the array under ``"attention"``; no model is loaded."""
-    from .runinfo import read_result_json
+    from .runs import ATTENTION_ARRAY, ATTNMAP_RESULT, read_result_json
 
     out_dir = Path(out_dir)
-    summary = read_result_json(out_dir, "attnmap.json", "pg-attnmap")
-    if not (out_dir / "attention.npy").is_file():
-        raise InputError(f"{out_dir} holds no pg-attnmap result (attention.npy missing)")
-    summary["attention"] = np.load(out_dir / "attention.npy")
+    summary = read_result_json(out_dir, ATTNMAP_RESULT, "pg-attnmap")
+    if not (out_dir / ATTENTION_ARRAY).is_file():
+        raise InputError(f"{out_dir} holds no pg-attnmap result ({ATTENTION_ARRAY} missing)")
+    summary["attention"] = np.load(out_dir / ATTENTION_ARRAY)
     return summary

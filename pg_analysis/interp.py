@@ -15,6 +15,8 @@
   (``prepend_bos=None``), so ``bridge.to_tokens(text)`` equals ``tokenizer(text).input_ids`` and the two handles
   see the same sequence; pass ``prepend_bos=True/False`` to force it.
 - :func:`language_model_of` gives the causal LM inside a LLaVA-format VLM (shared weights, no copy) for either.
+- :func:`capture_outputs`: the one forward-hook capture in the toolkit — module outputs kept while a block runs,
+  hooks always removed (the attention maps and the trainer's distillation read layers through it).
 
 Both are tested equal to HF's own outputs (hidden states, attention patterns) on tiny models.
 """
@@ -22,9 +24,40 @@ Both are tested equal to HF's own outputs (hidden states, attention patterns) on
 from __future__ import annotations
 
 import copy as _copy
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import InputError
+from .models import tokenizer_adds_bos
+
+
+@contextmanager
+def capture_outputs(modules: Sequence[Any], pick: Callable[[int, Any], Any] | None = None,
+                    active: bool = True) -> Iterator[dict[int, Any]]:
+    """Keep what ``modules[i]`` returns while the block runs: ``captured[i] = pick(i, output)``.
+
+    ``pick`` defaults to the first element of a tuple output (a decoder layer's hidden states ``[B, T, d]``). The
+    first call of each module wins (gradient checkpointing runs a layer again in the backward pass). Hooks are
+    removed on exit, also on error; ``active=False`` registers none (the dict stays empty).
+
+    >>> with capture_outputs(model.model.layers, active=True) as out:  # doctest: +SKIP
+    ...     model(**batch)
+    >>> out[3].shape  # doctest: +SKIP
+    """
+    captured: dict[int, Any] = {}
+    pick = pick or (lambda _i, output: output[0] if isinstance(output, tuple) else output)
+    handles = []
+    if active:
+        for i, module in enumerate(modules):
+            def hook(_module: Any, _args: Any, output: Any, i: int = i) -> None:
+                if i not in captured:
+                    captured[i] = pick(i, output)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def as_nnsight(model: Any, tokenizer: Any = None) -> Any:
@@ -41,13 +74,6 @@ def as_nnsight(model: Any, tokenizer: Any = None) -> Any:
         return TransformersModel(model, task="text-generation", tokenizer=tokenizer)
     finally:
         hf_logging.set_verbosity(level)
-
-
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` starts with the BOS token (read from the tokenizer's own output)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a").input_ids
-    return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
 def language_model_of(vlm_model: Any) -> Any:

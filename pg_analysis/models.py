@@ -110,7 +110,9 @@ def resolve_source(entry: ModelEntry) -> tuple[str, dict[str, Any]]:
     return entry.hub_id, kw
 
 
-def _from_pretrained(cls: Any, entry: ModelEntry, source: str, kw: dict[str, Any], **extra: Any) -> Any:
+def load_pretrained(cls: Any, entry: ModelEntry, source: str, kw: dict[str, Any], **extra: Any) -> Any:
+    """``cls.from_pretrained(source, **kw, **extra)`` for a resolved registry entry; a model that cannot be read
+    here is one :class:`ModelUnavailable` line naming it."""
     try:
         return cls.from_pretrained(source, **kw, **extra)
     except OSError as e:
@@ -120,7 +122,7 @@ def _from_pretrained(cls: Any, entry: ModelEntry, source: str, kw: dict[str, Any
 def _family(entry: ModelEntry, source: str, kw: dict[str, Any]) -> tuple[str, Any]:
     from transformers import AutoConfig
 
-    config = _from_pretrained(AutoConfig, entry, source, kw)
+    config = load_pretrained(AutoConfig, entry, source, kw)
     family = entry.family or family_of_model_type(config.model_type, entry.alias)
     return family, config
 
@@ -194,8 +196,8 @@ def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
     if family not in VISION_FAMILIES:
         raise InputError(f"{entry.alias!r} is a {family} model, not a vision encoder ({', '.join(VISION_FAMILIES)})")
     extra = {"add_pooling_layer": False} if family == "vit" else {}
-    model = _from_pretrained(_vision_class(family), entry, source, kw, dtype=runtime.dtype, **extra)
-    processor = _from_pretrained(AutoImageProcessor, entry, source, kw)
+    model = load_pretrained(_vision_class(family), entry, source, kw, dtype=runtime.dtype, **extra)
+    processor = load_pretrained(AutoImageProcessor, entry, source, kw)
     return VisionAdapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
 
 
@@ -207,8 +209,8 @@ def _load_lm(entry: ModelEntry, runtime: Runtime, with_head: bool) -> tuple[Any,
     if family not in LM_FAMILIES:
         raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
     cls = AutoModelForCausalLM if with_head else AutoModel
-    model = _from_pretrained(cls, entry, source, kw, dtype=runtime.dtype)
-    tokenizer = _from_pretrained(AutoTokenizer, entry, source, kw)
+    model = load_pretrained(cls, entry, source, kw, dtype=runtime.dtype)
+    tokenizer = load_pretrained(AutoTokenizer, entry, source, kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.to(runtime.device).eval(), tokenizer
@@ -241,3 +243,13 @@ def model_identity(entry: ModelEntry) -> dict[str, Any]:
 def load_causal_lm(entry: ModelEntry, runtime: Runtime) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a causal LM *with* its head (for grounded runs, training and benchmarks)."""
     return _load_lm(entry, runtime, with_head=True)
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` starts with the BOS token (read from the tokenizer's own output, not its config:
+    SmolLM2's defines a BOS token and never adds it, LLaMA's adds ``<s>``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos

@@ -1,4 +1,5 @@
-"""Which insert layer L? The rule, its evidence, and ``pg-recommend`` / ``pg-train --layer auto``.
+"""Which insert layer L? The rule and its evidence (pure). The pipeline that gathers the evidence by running a
+VLM — ``pg-recommend``, ``pg-train --layer auto`` — lives with the code that runs VLMs (``choose_layer``).
 
 Evidence per candidate L (LM with N blocks; L = 0 … N):
 
@@ -28,8 +29,6 @@ retrained, not which L retrains well (README, "Choosing L").
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,162 +166,14 @@ def format_table(rec: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pipeline (runs the baseline VLM through pg_train.probe)
-
-
-@dataclass
-class RecommendConfig:
-    """Options of ``pg-recommend``. Validates itself; no I/O."""
-
-    vlm: str = "runs/train-L0"  # the baseline (L = 0) VLM the probe runs grounded at each L
-    align: str | None = "runs/align"  # a pg-align result folder (None: not used)
-    attnmap: str | None = "runs/attnmap"  # a pg-attnmap result folder (None: not used)
-    probe: bool = True
-    data: str = "tuxpaint"
-    coco_root: str | None = None
-    n: int = 100  # probe questions
-    layers: list[int] | None = None  # candidates (default: default_candidates(N))
-    tolerance: float = 0.25
-    risks: tuple[str, ...] = DEFAULT_RISKS
-    precision: str = "bf16"  # the probe's forward passes
-    skip_layers: int = 2
-    batch_size: int = 16
-    seed: int = 0
-    device: str | None = None
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.batch_size < 1:
-            raise InputError("n and batch_size must be >= 1")
-        if not 0 <= self.tolerance <= 1:
-            raise InputError(f"tolerance must be in [0, 1], got {self.tolerance}")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise InputError(f"layers must be non-negative integers, got {self.layers}")
-        self.risks = tuple(self.risks)
-        if not self.risks or set(self.risks) - set(RISKS):
-            raise InputError(f"risks must be a non-empty subset of {RISKS}, got {list(self.risks)}")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _present(folder: str | None, marker: str) -> bool:
-    return bool(folder) and (Path(folder) / marker).is_file()
-
-
-def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]:
-    """Gather the evidence (saved alignment and attention results, the probe) and apply :func:`recommend`."""
-    from pg_train.probe import letter_logits, load_prompt_model, mcq_prompts, mcq_records, prefill_saving
-
-    from .align import load_align_result
-    from .assets import cache_root
-    from .attention import load_attnmap
-    from .data import load_pairs, select
-    from .models import pick_runtime
-
-    t0 = time.perf_counter()
-    sources: dict[str, Any] = {}
-    align_profile = attn_profile = None
-    if cfg.align:
-        a = load_align_result(Path(cfg.align))
-        align_profile = a["llm_layer_profile"]
-        sources["alignment"] = {"path": cfg.align, "vision": a["vision"], "llm": a["llm"], "metric": a["metric"],
-                                "n_samples": a["n_samples"]}
-    if cfg.attnmap:
-        m = load_attnmap(Path(cfg.attnmap))
-        attn_profile = m["profile"]
-        sources["attention"] = {"path": cfg.attnmap, "vlm": m["vlm"], "n_prompts": m["n_prompts"],
-                                "query": m["query"]}
-    pm = load_prompt_model(cfg.vlm, runtime=pick_runtime(cfg.device, "float32"))
-    if pm.model.insert_layer != 0:
-        raise InputError(f"{cfg.vlm} has insert_layer={pm.model.insert_layer}; the probe needs the baseline (L=0)")
-    n_layers = pm.model.config.text_config.num_hidden_layers
-    for name, prof, expect in (("attention map", attn_profile, n_layers), ("alignment profile", align_profile,
-                                                                            n_layers + 1)):
-        if prof is not None and len(prof) != expect:
-            raise InputError(f"mismatched layer counts: the {name} has {len(prof)} entries, the VLM's LM has "
-                             f"{n_layers} layers (expected {expect})")
-    layers = sorted(set(cfg.layers or default_candidates(n_layers)) | {0})
-    if layers[-1] > n_layers:
-        raise InputError(f"layer {layers[-1]} exceeds the LM's {n_layers} layers")
-    pairs = load_pairs(cfg.data, cfg.coco_root)
-    records = mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
-    prompts = mcq_prompts(pm, records, cache, progress=progress)
-    saving = dict(zip(layers, prefill_saving(pm, prompts, layers)))
-    probe = None
-    if cfg.probe:
-        from tqdm.auto import tqdm
-
-        answers = np.array(["ABCD".index(r["answer"]) for r in records])
-        probe, base = {}, None
-        for layer in tqdm(layers, desc="probe L", disable=not progress):
-            logits = letter_logits(pm, prompts, insert_layer=layer, batch_size=cfg.batch_size,
-                                   precision=cfg.precision)
-            base = logits if base is None else base
-            changed, kl = answer_shift(base, logits)
-            probe[layer] = {"answers_changed": changed, "kl": kl,
-                            "accuracy": float((logits.argmax(1).numpy() == answers).mean())}
-        sources["probe"] = {"vlm": cfg.vlm, "data": cfg.data, "n_questions": len(records)}
-    if not sources:
-        raise InputError("no evidence: pass --align and/or --attnmap results, or keep the probe on")
-    rec = recommend(saving, attn_profile, align_profile, probe, cfg.tolerance, cfg.skip_layers, cfg.risks)
-    rec["evidence"] = sources
-    rec["prompt_tokens"] = {"text": float(np.mean([len(e.input_ids) for e in prompts.examples]))
-                            - pm.model.num_image_tokens, "vision": pm.model.num_image_tokens}
-    rec["seconds"] = time.perf_counter() - t0
-    return rec
-
-
-def save_recommendation(rec: dict[str, Any], cfg: RecommendConfig, out_dir: Path) -> Path:
-    """``recommend.json`` (the recommendation, rule and table), ``config.json``, ``recommend.png``; atomically."""
-    from .plots import recommendation_figure
-    from .runinfo import atomic_output_dir, atomic_write_json, run_metadata
-
-    out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir) as tmp:
-        atomic_write_json(tmp / "recommend.json", rec)
-        atomic_write_json(tmp / "config.json", {"command": "pg-recommend", "config": cfg.to_dict(),
-                                                **run_metadata()})
-        recommendation_figure(rec, tmp / "recommend.png")
-    return out_dir
+# saved recommendations
 
 
 def load_recommendation(out_dir: Path) -> dict[str, Any]:
-    from .runinfo import read_result_json
+    """A saved ``recommend.json`` (``pg-recommend``'s result); one clear error when it is missing or incomplete."""
+    from .runs import RECOMMEND_RESULT, read_result_json
 
-    rec = read_result_json(out_dir, "recommend.json", "pg-recommend")
+    rec = read_result_json(out_dir, RECOMMEND_RESULT, "pg-recommend")
     if not isinstance(rec.get("recommended_layer"), int):
         raise InputError(f"{out_dir}/recommend.json: no recommended_layer")
-    return rec
-
-
-def auto_layer(recommendation: str | None, cfg: RecommendConfig, out_dir: Path | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """``pg-train --layer auto``: read a saved recommendation, or compute one from the saved alignment and
-    attention results and the baseline VLM (saved under ``out_dir``). Clear error when neither is possible."""
-    if recommendation and _present(recommendation, "recommend.json"):
-        rec = load_recommendation(Path(recommendation))
-        rec["source"] = str(recommendation)
-        return rec
-    missing = []
-    if not _present(cfg.vlm, "model/config.json") and not _present(cfg.vlm, "config.json"):
-        missing.append(f"the baseline VLM {cfg.vlm} (pg-train --layer 0 --out {cfg.vlm})")
-    have_align = _present(cfg.align, "alignment.json")
-    have_attn = _present(cfg.attnmap, "attnmap.json")
-    if missing or not (have_align or have_attn):
-        if not have_align:
-            missing.append(f"an alignment result {cfg.align} (pg-align --out {cfg.align})")
-        if not have_attn:
-            missing.append(f"an attention result {cfg.attnmap} (pg-attnmap --out {cfg.attnmap})")
-        where = f"no saved recommendation at {recommendation}" if recommendation else "no --recommendation given"
-        raise InputError(f"--layer auto: {where}, and it cannot be computed: missing " + "; ".join(missing))
-    cfg = RecommendConfig(**{**cfg.to_dict(), "align": cfg.align if have_align else None,
-                             "attnmap": cfg.attnmap if have_attn else None})
-    rec = run_recommend(cfg, progress=progress)
-    if out_dir is not None:
-        save_recommendation(rec, cfg, out_dir)
-        rec["source"] = str(out_dir)
     return rec

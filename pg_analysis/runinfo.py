@@ -91,17 +91,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_result_json(out_dir: Path, name: str, command: str) -> dict[str, Any]:
-    """``out_dir/name`` of a saved result folder, or one clear :class:`InputError` (missing or not JSON)."""
-    path = Path(out_dir) / name
-    if not path.is_file():
-        raise InputError(f"{out_dir} holds no {command} result ({name} missing)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-
-
 def check_writable_parent(out_dir: Path) -> None:
     """Raise :class:`InputError` now (before any compute) if ``out_dir`` cannot be created or written."""
     out_dir = Path(out_dir)

@@ -1,4 +1,5 @@
-"""Entry points: pg-train, pg-eval, pg-bench."""
+"""Entry points of the commands that run a grounded model or a VLM: pg-train, pg-eval, pg-bench, pg-attnmap,
+pg-recommend (pg-align and pg-assets: :mod:`pg_analysis.cli`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pg_analysis.cli import _entry, _int_list, run_cli
+from pg_analysis.cli import entry_point, int_list, quiet_hf, run_cli
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,7 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="benchmark random weights of this shape instead of --model (e.g. llama-7b on a GPU)")
     p.add_argument("--text-tokens", type=int, default=d.text_tokens, help="text rows T (default: %(default)s)")
     p.add_argument("--vision-tokens", type=int, default=d.vision_tokens, help="vision rows V (default: %(default)s)")
-    p.add_argument("--layers", type=_int_list, default=None, help="insert layers, e.g. 0,2,4,8 (default: 0, N/8 … N)")
+    p.add_argument("--layers", type=int_list, default=None, help="insert layers, e.g. 0,2,4,8 (default: 0, N/8 … N)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats, median reported (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
@@ -36,7 +37,8 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def _bench_main(args: argparse.Namespace) -> int:
     from pg_analysis.plots import efficiency_figure
-    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent, run_metadata
+    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent
+    from pg_analysis.runs import BENCH_RESULT, write_run_record
 
     from .bench import BenchConfig, format_table, run_bench
 
@@ -48,11 +50,11 @@ def _bench_main(args: argparse.Namespace) -> int:
                       device=args.device, dtype=args.dtype)
     result = run_bench(cfg, progress=not args.quiet)
     with atomic_output_dir(out) as tmp:
-        atomic_write_json(tmp / "bench.json", result)
-        atomic_write_json(tmp / "config.json", {"command": "pg-bench", "config": cfg.to_dict(), **run_metadata()})
+        atomic_write_json(tmp / BENCH_RESULT, result)
+        write_run_record(tmp, "pg-bench", cfg.to_dict())
         efficiency_figure(result, tmp / "efficiency.png")
     print(format_table(result))
-    print(f"wrote {out}/: bench.json config.json efficiency.png")
+    print(f"wrote {out}/: bench.json run.json efficiency.png")
     return 0
 
 
@@ -60,7 +62,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
     return run_cli(_bench_main, bench_parser(), argv)
 
 
-bench_main = _entry(bench)
+bench_main = entry_point(bench)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_auto_layer(args: argparse.Namespace) -> dict:
-    from pg_analysis.recommend import RecommendConfig, auto_layer
+    from .choose_layer import RecommendConfig, auto_layer
 
     rcfg = RecommendConfig(vlm=args.baseline, align=args.align_result, attnmap=args.attnmap)
     rec = auto_layer(args.recommendation, rcfg, out_dir=Path(args.recommendation), progress=not args.quiet)
@@ -201,9 +203,7 @@ def _train_main(args: argparse.Namespace) -> int:
     if fields.get("system_prompt") == "default":
         fields["system_prompt"] = None
     if args.quiet:
-        from pg_analysis.cli import _quiet_hf
-
-        _quiet_hf()
+        quiet_hf()
     evidence = None
     if fields["layer"] == "auto":
         evidence = _resolve_auto_layer(args)
@@ -218,7 +218,7 @@ def _train_main(args: argparse.Namespace) -> int:
         tok = f", {t['tokens_per_s']:.0f} tokens/s" if t.get("tokens_per_s") else ""
         print(f"{stage}: {t['steps']} steps in {t['seconds']:.0f} s ({t['samples_per_s']:.1f} samples/s{tok})")
     print(f"run {summary['run_seconds']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB")
-    print(f"wrote {cfg.out_dir}/: model/ config.json log.jsonl loss.png summary.json data/ checkpoints/")
+    print(f"wrote {cfg.out_dir}/: model/ run.json log.jsonl loss.png summary.json data/ checkpoints/")
     return 0
 
 
@@ -226,7 +226,7 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
     return run_cli(_train_main, train_parser(), argv)
 
 
-train_main = _entry(train_cli)
+train_main = entry_point(train_cli)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,14 +263,13 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _eval_main(args: argparse.Namespace) -> int:
     from pg_analysis.plots import letter_histogram
-    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent, run_metadata
+    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent
+    from pg_analysis.runs import EVAL_DIR, EVAL_RESULT, write_run_record
 
     from .evaluate import EvalConfig, evaluate, format_results
 
     if args.quiet:
-        from pg_analysis.cli import _quiet_hf
-
-        _quiet_hf()
+        quiet_hf()
     if args.out and len(args.runs) > 1:
         from pg_analysis.errors import InputError
 
@@ -281,15 +280,15 @@ def _eval_main(args: argparse.Namespace) -> int:
                          rank_all=not args.no_rank_all, generate=not args.no_generate,
                          max_new_tokens=args.max_new_tokens, precision=args.precision, seed=args.seed,
                          bench_repeats=args.bench_repeats, progress=not args.quiet)
-        out = Path(args.out) if args.out else Path(run) / "eval"
+        out = Path(args.out) if args.out else Path(run) / EVAL_DIR
         check_writable_parent(out)
         result = evaluate(cfg)
         with atomic_output_dir(out) as tmp:
-            atomic_write_json(tmp / "eval.json", result)
-            atomic_write_json(tmp / "config.json", {"command": "pg-eval", "config": vars(cfg), **run_metadata()})
+            atomic_write_json(tmp / EVAL_RESULT, result)
+            write_run_record(tmp, "pg-eval", vars(cfg))
             letter_histogram(result["mcq"], tmp / "letters.png", title=f"{run} (L={result['insert_layer']})")
         results[run] = result
-        print(f"wrote {out}/: eval.json config.json letters.png")
+        print(f"wrote {out}/: eval.json run.json letters.png")
     print(format_results(results))
     return 0
 
@@ -298,4 +297,143 @@ def eval_cli(argv: Sequence[str] | None = None) -> int:
     return run_cli(_eval_main, eval_parser(), argv)
 
 
-eval_main = _entry(eval_cli)
+eval_main = entry_point(eval_cli)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pg-attnmap
+
+
+def _vlm_run_args(p: argparse.ArgumentParser, d, out: str, seed_help: str) -> None:
+    """Options pg-attnmap and pg-recommend share: the pairs the prompts come from, and running."""
+    p.add_argument("--data", default=d.data, help="pairs: tuxpaint, coco, or a .jsonl/.csv (default: %(default)s)")
+    p.add_argument("--coco-root", default=None, help="COCO folder (annotations/, val2017/) for --data coco")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"{seed_help} (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--cache-dir", default=None, help="encoder-feature cache (default: <asset cache>/features)")
+    p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log loading")
+
+
+def attnmap_parser() -> argparse.ArgumentParser:
+    from pg_analysis.attention import BACKENDS, QUERIES, AttnmapConfig
+
+    d = AttnmapConfig()
+    p = argparse.ArgumentParser(
+        prog="pg-attnmap",
+        description="Language→vision attention per LLM layer of a LLaVA-format VLM on multiple-choice prompts "
+                    "(the paper's Fig. 3 / Fig. 6): head-averaged, averaged over query tokens and prompts.")
+    p.add_argument("--vlm", default=d.vlm, help="pg-train run or model folder, or an HF LLaVA checkpoint "
+                                                 "('llava' = llava-hf/llava-1.5-7b-hf) (default: %(default)s)")
+    p.add_argument("--n", type=int, default=d.n, help="pairs, capped at what the data holds (default: %(default)s)")
+    p.add_argument("--query", choices=QUERIES, default=d.query,
+                   help="query rows: text = text after the image, last = the answer position (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help="hf (forward hooks) or nnsight (trace) (default: %(default)s)")
+    p.add_argument("--show-tokens", type=int, default=d.show_tokens,
+                   help="vision tokens shown in the figures, a seeded sample (default: %(default)s)")
+    p.add_argument("--skip-layers", type=int, default=d.skip_layers,
+                   help="first layers left out of the second figure (default: %(default)s)")
+    _vlm_run_args(p, d, "runs/attnmap", "pair sample, distractors, shown tokens")
+    return p
+
+
+def _attnmap_main(args: argparse.Namespace) -> int:
+    from pg_analysis.attention import AttnmapConfig, save_attnmap
+    from pg_analysis.runinfo import check_writable_parent
+
+    from .probe import run_attnmap
+
+    if args.quiet:
+        quiet_hf()
+    out = Path(args.out)
+    check_writable_parent(out)
+    cfg = AttnmapConfig(vlm=args.vlm, data=args.data, coco_root=args.coco_root, n=args.n, query=args.query,
+                        backend=args.backend, show_tokens=args.show_tokens, skip_layers=args.skip_layers,
+                        batch_size=args.batch_size, seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    result = run_attnmap(cfg, progress=not args.quiet)
+    save_attnmap(result, out)
+    s = result.summary()
+    prof = " ".join(f"{x:.3f}" for x in s["profile"])
+    print(f"{s['vlm']} (L={s['insert_layer']}): {s['n_prompts']} prompts, {s['shape'][0]} layers x "
+          f"{s['shape'][1]} vision tokens, queries: {s['query']}, {result.info['seconds']:.1f} s")
+    print(f"attention to vision rows per layer: {prof}")
+    print(f"peak layer {s['peak_layer']}; after the first {s['skip_layers']}: {s['peak_layer_after_skip']}")
+    figs = " ".join(sorted(p.name for p in out.glob("*.png")))
+    print(f"wrote {out}/: attention.npy attnmap.json run.json {figs}")
+    return 0
+
+
+def attnmap(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_attnmap_main, attnmap_parser(), argv)
+
+
+attnmap_main = entry_point(attnmap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pg-recommend
+
+
+def recommend_parser() -> argparse.ArgumentParser:
+    from .choose_layer import RecommendConfig
+
+    d = RecommendConfig()
+    p = argparse.ArgumentParser(
+        prog="pg-recommend",
+        description="Recommend the insert layer L from the alignment profile (pg-align), the attention profile "
+                    "(pg-attnmap) and a training-free probe (the baseline VLM run grounded at each L). Rule: the "
+                    "largest L such that every L' <= L keeps every risk <= --tolerance.")
+    p.add_argument("--vlm", default=d.vlm, help="baseline L=0 VLM (pg-train run or LLaVA) (default: %(default)s)")
+    p.add_argument("--align", default=d.align, help="pg-align result folder, or 'none' (default: %(default)s)")
+    p.add_argument("--attnmap", default=d.attnmap, help="pg-attnmap result folder, or 'none' (default: %(default)s)")
+    p.add_argument("--no-probe", action="store_true", help="skip the training-free probe")
+    p.add_argument("--n", type=int, default=d.n, help="probe questions (default: %(default)s)")
+    p.add_argument("--layers", type=int_list, default=None,
+                   help="candidate layers, e.g. 0,2,4,8 (default: 0-4, 6, 8, every 4th, N)")
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help="largest admissible risk, a fraction (default: %(default)s)")
+    p.add_argument("--risks", default=",".join(d.risks),
+                   help="gating risks, comma-separated, of attention_lost, answers_changed (the probe), "
+                        "alignment_deficit (default: %(default)s)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=d.precision,
+                   help="the probe's forward passes (default: %(default)s)")
+    p.add_argument("--skip-layers", type=int, default=d.skip_layers,
+                   help="first layers left out of the attention risk (default: %(default)s)")
+    _vlm_run_args(p, d, "runs/recommend", "probe pairs and distractors")
+    return p
+
+
+def _recommend_main(args: argparse.Namespace) -> int:
+    from pg_analysis.recommend import format_table
+    from pg_analysis.runinfo import check_writable_parent
+
+    from .choose_layer import RecommendConfig, run_recommend, save_recommendation
+
+    if args.quiet:
+        quiet_hf()
+    out = Path(args.out)
+    check_writable_parent(out)
+    none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
+    cfg = RecommendConfig(vlm=args.vlm, align=none(args.align), attnmap=none(args.attnmap), probe=not args.no_probe,
+                          data=args.data, coco_root=args.coco_root, n=args.n, layers=args.layers,
+                          tolerance=args.tolerance, risks=tuple(x.strip() for x in args.risks.split(",") if x.strip()),
+                          precision=args.precision, skip_layers=args.skip_layers, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device, cache_dir=args.cache_dir)
+    rec = run_recommend(cfg, progress=not args.quiet)
+    save_recommendation(rec, cfg, out)
+    print(format_table(rec))
+    r = rec["rule"]
+    print(f"recommended insert layer: L = {rec['recommended_layer']} (tolerance {r['tolerance']}; risks used: "
+          f"{', '.join(r['risks_used'])}{'; missing: ' + ', '.join(r['risks_missing']) if r['risks_missing'] else ''})")
+    print(f"wrote {out}/: recommend.json run.json recommend.png")
+    return 0
+
+
+def recommend(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_recommend_main, recommend_parser(), argv)
+
+
+recommend_main = entry_point(recommend)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pg_analysis.errors import InputError
+from pg_analysis.models import tokenizer_adds_bos
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _pieces(turns: list[dict[str, str]], template: str, tokenizer: Any, generati
         turns = [{"role": "system", "content": system}, *turns]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out: list[tuple[Any, bool]] = []
-    if template in ("plain", "vicuna_v1") and _adds_bos(tokenizer):
+    if template in ("plain", "vicuna_v1") and tokenizer_adds_bos(tokenizer):
         out.append(([tokenizer.bos_token_id], False))
     if template == "plain":
         for t in turns:
@@ -110,11 +111,10 @@ def _pieces(turns: list[dict[str, str]], template: str, tokenizer: Any, generati
     raise InputError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
+def default_template(tokenizer: Any) -> str:
+    """The template a model is prompted with when none is named: its tokenizer's chat template if it has one, else
+    Vicuna v1 (LLaVA-1.5's)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
 
 
 def _tokenize(text: str, tokenizer: Any, image_token_id: int, n_image_tokens: int) -> tuple[list[int], int]:

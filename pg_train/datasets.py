@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
+from pg_analysis.runs import DATA_MANIFEST
 from pg_analysis.runinfo import atomic_write_json
 
 from .conversations import IMAGE_TOKEN, encode_conversation
@@ -160,7 +161,7 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
             manifest["files"][f"{split}_{task}"] = name
             manifest["counts"][f"{split}_{task}"] = len(recs)
         manifest["counts"][f"{split}_images"] = len(ids)
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    atomic_write_json(out_dir / DATA_MANIFEST, manifest)
     return manifest
 
 

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
+from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_run_record
 
 from .conversations import IMAGE_TOKEN, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
@@ -373,16 +374,13 @@ class Evaluator:
 
 
 def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], Path]:
-    model_dir = run / "model" if (run / "model" / "config.json").is_file() else run
-    if not (model_dir / "config.json").is_file():
+    model_dir = model_folder(run)
+    if model_dir is None:
         raise InputError(f"{run}: no model (expected a pg-train folder with model/ or a model folder)")
-    cfg_path = run / "config.json"
-    run_cfg = {}
-    if cfg_path.is_file() and model_dir != run:
-        run_cfg = json.loads(cfg_path.read_text())
-    data = Path(data_dir) if data_dir else run / "data"
-    if not (data / "manifest.json").is_file():
-        raise InputError(f"no instruction data at {data} (manifest.json); pass --data-dir")
+    run_cfg = (read_run_record(run) or {}) if model_dir != run else {}
+    data = Path(data_dir) if data_dir else run / DATA_DIR
+    if not (data / DATA_MANIFEST).is_file():
+        raise InputError(f"no instruction data at {data} ({DATA_MANIFEST}); pass --data-dir")
     return model_dir, run_cfg, data
 
 
@@ -398,7 +396,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pm = load_prompt_model(run, runtime=pick_runtime(None, "float32"))
     vlm, template, system = pm.vlm, pm.template, pm.system
     train_cfg = run_cfg.get("config", {})
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = json.loads((data / DATA_MANIFEST).read_text())
     root = manifest.get("image_root")
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
                for task in ("mcq", "what")}
@@ -422,7 +420,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.bench_repeats:
         result["efficiency"] = ev.efficiency()
     result["eval_seconds"] = time.perf_counter() - t0
-    summary = run / "summary.json"
+    summary = run / TRAIN_SUMMARY
     if summary.is_file():
         s = json.loads(summary.read_text())
         result["training"] = {"throughput": s.get("throughput"), "run_seconds": s.get("run_seconds"),

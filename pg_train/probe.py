@@ -1,17 +1,19 @@
-"""The one door through which ``pg_analysis`` runs a VLM (attention maps, the training-free insert-layer probe).
+"""Running a VLM on multiple-choice prompts: attention maps (``pg-attnmap``) and the training-free insert-layer
+probe (``pg-recommend``). ``pg_analysis`` never loads a VLM; what it measures on one it receives from here.
 
 - :func:`load_prompt_model`: a LLaVA-format VLM with its prompt format — a ``pg-train`` run folder (``model/`` +
-  ``config.json``: template and system prompt as trained), a model folder, or an HF LLaVA checkpoint (alias or hub
+  its run record: template and system prompt as trained), a model folder, or an HF LLaVA checkpoint (alias or hub
   id; the tokenizer's chat template, else Vicuna v1).
 - :func:`mcq_prompts`: multiple-choice questions built from image–caption pairs (one per pair, the correct letter
   rotated over A–D, three distractor captions from the other pairs), tokenised in the model's format, with the
   frozen encoder's features of their images.
 - :func:`letter_logits`: the option letters' logits at the answer position (one forward per batch) at any L.
+- :func:`run_attnmap`: ``pg-attnmap``'s pipeline (pairs → prompts → :func:`pg_analysis.attention.attention_map`).
 """
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,9 +21,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pg_analysis.assets import cache_root
+from pg_analysis.attention import AttnmapConfig, AttnmapResult, attention_map, sample_tokens
+from pg_analysis.data import load_pairs, select
 from pg_analysis.errors import InputError
+from pg_analysis.models import pick_runtime
+from pg_analysis.runs import model_folder, read_run_record
 
-from .conversations import letter_token_ids
+from .conversations import default_template, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, mcq_record, tokenize_records
 from .trainer import precision_context
 from .vlm import VLM, load_vlm
@@ -44,14 +51,11 @@ class PromptModel:
 def load_prompt_model(source: str | Path, insert_layer: int | None = None, runtime: Any = None) -> PromptModel:
     """Load ``source`` (see module docstring); ``insert_layer`` overrides the saved L."""
     run = Path(source)
-    run_cfg: dict[str, Any] = {}
-    model_src: str | Path = source
-    if (run / "model" / "config.json").is_file():
-        model_src = run / "model"
-        if (run / "config.json").is_file():
-            run_cfg = json.loads((run / "config.json").read_text())
-    elif run.exists() and not (run / "config.json").is_file():
+    found = model_folder(run)
+    if found is None and run.exists():
         raise InputError(f"{source}: neither a pg-train run (model/config.json) nor a model folder (config.json)")
+    model_src: str | Path = found if found is not None else source
+    run_cfg = (read_run_record(run) or {}) if found is not None and found != run else {}
     vlm = load_vlm(model_src, insert_layer=insert_layer, runtime=runtime)
     try:
         token = vlm.tokenizer.convert_ids_to_tokens(vlm.image_token_id)
@@ -60,7 +64,7 @@ def load_prompt_model(source: str | Path, insert_layer: int | None = None, runti
     if token is None or vlm.tokenizer.convert_tokens_to_ids(token) != vlm.image_token_id:
         raise InputError(f"{source}: the tokenizer has no image token (id {vlm.image_token_id}); "
                          "a LLaVA-format VLM marks its vision rows with one")
-    template = run_cfg.get("template") or ("chat" if getattr(vlm.tokenizer, "chat_template", None) else "vicuna_v1")
+    template = run_cfg.get("template") or default_template(vlm.tokenizer)
     system = run_cfg.get("config", {}).get("system_prompt") if run_cfg else None
     return PromptModel(vlm, template, system, str(source))
 
@@ -142,3 +146,20 @@ def prefill_saving(pm: PromptModel, prompts: Prompts, layers: list[int]) -> list
     t = float(np.mean([len(e.input_ids) for e in prompts.examples])) - v
     flops = FlopModel.of(pm.model.decoder_parts())
     return [1.0 - flops.prefill(t, v, layer) / flops.prefill(t, v, 0) for layer in layers]
+
+
+def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:
+    """Load the VLM and the pairs, build the MCQ prompts, measure, return the result (nothing written)."""
+    pm = load_prompt_model(cfg.vlm, runtime=pick_runtime(cfg.device, "float32"))
+    pairs = load_pairs(cfg.data, cfg.coco_root)
+    n = min(cfg.n, len(pairs))
+    records = mcq_records(select(pairs, n, cfg.seed), cfg.seed)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
+    prompts = mcq_prompts(pm, records, cache, progress=progress)
+    t0 = time.perf_counter()
+    attention = attention_map(pm, prompts, cfg.query, cfg.backend, cfg.batch_size, progress)
+    info = {"seconds": time.perf_counter() - t0, "template": pm.template, "requested_n": cfg.n,
+            "vision_tokens": int(attention.shape[1]), "layers": int(attention.shape[0]),
+            "mean_prompt_tokens": float(np.mean([len(e.input_ids) for e in prompts.examples]))}
+    return AttnmapResult(cfg, attention, sample_tokens(attention.shape[1], cfg.show_tokens, cfg.seed), len(records),
+                         pm.model.insert_layer, info)

@@ -43,9 +43,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
-from pg_analysis.runinfo import atomic_write_json, run_metadata
+from pg_analysis.interp import capture_outputs
+from pg_analysis.runinfo import atomic_write_json
+from pg_analysis.runs import (CHECKPOINTS_DIR, DATA_DIR, MODEL_DIR, TRAIN_LOG, TRAIN_SUMMARY,
+                             write_run_record)
 
-from .conversations import TEMPLATES
+from .conversations import TEMPLATES, default_template
 from .datasets import (Example, build_tuxpaint_instructions, collate, image_features, load_llava_json,
                        text_first, tokenize_records)
 from .vlm import ATTENTION, VLM, build_vlm, load_vlm, use_attention
@@ -340,7 +343,7 @@ class Prepared:
 def _stage_template(cfg: TrainConfig, tokenizer: Any) -> str:
     if cfg.template != "auto":
         return cfg.template
-    return "chat" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    return default_template(tokenizer)
 
 
 class CaptionStates(NamedTuple):
@@ -414,7 +417,7 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
             raise InputError(f"--layer must be in [0, {n_lm}] for this {n_lm}-layer LM, got {cfg.layer}")
         vlm.model.set_insert_layer(cfg.layer)
     # data
-    data_dir = out_dir / "data"
+    data_dir = out_dir / DATA_DIR
     if cfg.data != "llava":
         from pg_analysis.data import load_pairs
 
@@ -476,7 +479,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("stage*-step*"))
+    ckpts = sorted((out_dir / CHECKPOINTS_DIR).glob("stage*-step*"))
     return ckpts[-1] if ckpts else None
 
 
@@ -488,7 +491,7 @@ def save_checkpoint(out_dir: Path, vlm: VLM, optimizer: Any, scheduler: Any, cfg
                     next_step: int, extra: dict[str, Any]) -> Path:
     """``checkpoints/stage{s}-step{k}``: HF weights (``model/``), ``trainer_state.pt`` (optimizer, scheduler, RNG)
     and ``state.json`` (stage, next step, config). Written under a temp name, then renamed; older ones removed."""
-    final = out_dir / "checkpoints" / f"stage{stage}-step{next_step:06d}"
+    final = out_dir / CHECKPOINTS_DIR / f"stage{stage}-step{next_step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -499,7 +502,7 @@ def save_checkpoint(out_dir: Path, vlm: VLM, optimizer: Any, scheduler: Any, cfg
                                            **extra})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in (out_dir / "checkpoints").glob("stage*-step*"):
+    for old in (out_dir / CHECKPOINTS_DIR).glob("stage*-step*"):
         if old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -578,7 +581,7 @@ def _stage_steps(cfg: TrainConfig, prepared: Prepared) -> dict[int, int]:
             2: cfg.stage2_steps if prepared.stage2 else 0}
 
 
-def _stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, n_proc: int,
+def stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, n_proc: int,
                    rank: int) -> Iterator[tuple[list[Example], list[bool], list[Example | None] | None]]:
     """The micro-batches of one optimizer step for this process: ``(examples, flips, twins)``; ``twins`` holds
     each image example's text twin (caption in place of the image; None without a caption), or is None on text
@@ -653,13 +656,12 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         start_stage, start_step = 0, 0
         if cfg.scale_match and not cfg.init_from:
             scale.update(_match_scale(model, prepared.features[:, 0], prepared.states, cfg.match_mean))
-    config_record = {"config": cfg.to_dict(), "data": prepared.data_manifest, **run_metadata(),
-                     "num_image_tokens": model.num_image_tokens, "template": _stage_template(cfg, vlm.tokenizer),
-                     "attention": attention}
+    config_record = {"data": prepared.data_manifest, "num_image_tokens": model.num_image_tokens,
+                     "template": _stage_template(cfg, vlm.tokenizer), "attention": attention}
     if layer_evidence is not None:
         config_record["layer_auto"] = layer_evidence
-    atomic_write_json(out_dir / "config.json", config_record)
-    logger = _Log(out_dir / "log.jsonl", (start_stage, start_step) if ckpt is not None else None)
+    write_run_record(out_dir, "pg-train", cfg.to_dict(), **config_record)
+    logger = _Log(out_dir / TRAIN_LOG, (start_stage, start_step) if ckpt is not None else None)
     done_steps = 0
     stage_time: dict[int, float] = {}
     t_run = time.perf_counter()
@@ -691,6 +693,7 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         t_stage = time.perf_counter()
         layers = model.model.language_model.layers
         picks = distill_layer_indices(cfg.layer, len(layers), cfg.distill_layers) if stage == 2 else []
+        picked = [layers[i] for i in picks]
         for step in bar:
             t0 = time.perf_counter()
             n_samples = n_tokens = 0
@@ -700,17 +703,17 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
                 aux = None
             else:
                 loss = aux = distill = None
-                for exs, flips, twins in _stage_batches(cfg, prepared, stage, step, accelerator.num_processes,
+                for exs, flips, twins in stage_batches(cfg, prepared, stage, step, accelerator.num_processes,
                                                         accelerator.process_index):
                     batch = {k: v.to(device) for k, v in
                              collate(exs, vlm.tokenizer.pad_token_id, prepared.features, flips).items()}
                     pairs = [(k, tw) for k, (e, tw) in enumerate(zip(exs, twins or [])) if e.image >= 0 and tw]
                     distill_on = bool(cfg.distill_weight and pairs and picks)
-                    with precision_context(cfg.precision, device), _LayerOutputs(layers, picks, distill_on) as cap:
+                    with precision_context(cfg.precision, device), capture_outputs(picked, active=distill_on) as cap:
                         out = trained(**batch, return_logits=False)
                     micro = out.loss / cfg.grad_accum
                     if distill_on:
-                        d = _distill_loss(cfg, trained, layers, picks, cap.outputs, exs, pairs, vlm.tokenizer, device)
+                        d = _distill_loss(cfg, trained, picked, cap, exs, pairs, vlm.tokenizer, device)
                         micro = micro + cfg.distill_weight * d / cfg.grad_accum
                         distill = float(d.detach()) + (distill or 0.0)
                     if cfg.aux_weight and "vision_features" in batch:
@@ -767,12 +770,12 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vlm.save(tmp)
-    shutil.rmtree(out_dir / "model", ignore_errors=True)
-    tmp.rename(out_dir / "model")
-    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
+    tmp.rename(out_dir / MODEL_DIR)
+    records = [json.loads(line) for line in (out_dir / TRAIN_LOG).read_text().splitlines()]
     summary["throughput"] = _throughput(records)
     loss_curve_figure({f"L={cfg.layer}": records}, out_dir / "loss.png")
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / TRAIN_SUMMARY, summary)
     return summary
 
 
@@ -825,50 +828,25 @@ def _stage0_step(cfg: TrainConfig, prepared: Prepared, model: Any, step: int, de
     return float(loss.detach())
 
 
-class _LayerOutputs:
-    """Forward hooks that keep the outputs of the decoder layers ``picks`` (``outputs[i]``) while active."""
-
-    def __init__(self, layers: Any, picks: list[int], active: bool = True):
-        self.layers, self.picks, self.active = layers, picks, active
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "_LayerOutputs":
-        if self.active:
-            for i in self.picks:
-                self._handles.append(self.layers[i].register_forward_hook(self._keep(i)))
-        return self
-
-    def _keep(self, i: int) -> Any:
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            self.outputs.setdefault(i, output[0] if isinstance(output, tuple) else output)
-        return hook
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-
-def _distill_loss(cfg: TrainConfig, trained: Any, layers: Any, picks: list[int], student: dict[int, torch.Tensor],
+def _distill_loss(cfg: TrainConfig, trained: Any, picked: list[Any], student: dict[int, torch.Tensor],
                   exs: list[Example], pairs: list[tuple[int, Example]], tokenizer: Any,
                   device: torch.device) -> torch.Tensor:
     """Text-twin distillation: the image examples' states on the tokens after the image (question, options,
     answer) pulled towards those of the same model reading the caption as text in place of the image (no
-    gradient through that side), averaged over the layers ``picks`` (:func:`state_match_loss`).
+    gradient through that side), averaged over the decoder layers ``picked`` (:func:`state_match_loss`).
 
     The LM answers from text almost perfectly; this gives each image example a dense target — every row after
     the image at several depths — where the answer letter alone gives about two bits."""
     twins = [tw for _, tw in pairs]
     tbatch = {k: v.to(device) for k, v in collate(twins, tokenizer.pad_token_id, None).items()}
-    with torch.no_grad(), precision_context(cfg.precision, device), _LayerOutputs(layers, picks) as cap:
+    with torch.no_grad(), precision_context(cfg.precision, device), capture_outputs(picked) as cap:
         trained(**tbatch, return_logits=False)
     rows = torch.tensor([k for k, _ in pairs], device=device)
     suffix = [common_suffix_length(exs[k].input_ids, tw.input_ids) for k, tw in pairs]
     s_len = [len(exs[k].input_ids) for k, _ in pairs]
     t_len = [len(tw.input_ids) for tw in twins]
-    losses = [state_match_loss(suffix_rows(student[i][rows], s_len, suffix),
-                               suffix_rows(cap.outputs[i], t_len, suffix)) for i in picks]
+    losses = [state_match_loss(suffix_rows(student[j][rows], s_len, suffix),
+                               suffix_rows(cap[j], t_len, suffix)) for j in range(len(picked))]
     return torch.stack(losses).mean()
 
 

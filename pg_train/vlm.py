@@ -165,25 +165,25 @@ def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any =
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from pg_analysis.models import _from_pretrained, pick_runtime, resolve_source
+    from pg_analysis.models import load_pretrained, pick_runtime, resolve_source
     from pg_analysis.registry import resolve_model
 
     runtime = runtime or pick_runtime("cpu", "float32")
     entry = resolve_model(str(source), "vlm")
     path, kw = resolve_source(entry)
-    config = _from_pretrained(AutoConfig, entry, path, kw)
+    config = load_pretrained(AutoConfig, entry, path, kw)
     if config.model_type not in ("llava", GroundedLlavaConfig.model_type):
         raise InputError(f"{source}: a LLaVA-format checkpoint is needed, got model_type {config.model_type!r}")
     if config.model_type == "llava":
-        model = _from_llava(_from_pretrained(LlavaForConditionalGeneration, entry, path, kw, dtype=runtime.dtype),
+        model = _from_llava(load_pretrained(LlavaForConditionalGeneration, entry, path, kw, dtype=runtime.dtype),
                             insert_layer or 0)
     else:
         overrides = {} if insert_layer is None else {"insert_layer": insert_layer}
         config = GroundedLlavaConfig.from_pretrained(path, **kw, **overrides)
-        model = _from_pretrained(GroundedLlavaForConditionalGeneration, entry, path, kw, config=config,
+        model = load_pretrained(GroundedLlavaForConditionalGeneration, entry, path, kw, config=config,
                                  dtype=runtime.dtype)
-    tokenizer = _from_pretrained(AutoTokenizer, entry, path, kw)
+    tokenizer = load_pretrained(AutoTokenizer, entry, path, kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    image_processor = _from_pretrained(AutoImageProcessor, entry, path, kw)
+    image_processor = load_pretrained(AutoImageProcessor, entry, path, kw)
     return VLM(model.to(runtime.device).eval(), tokenizer, image_processor)

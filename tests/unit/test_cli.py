@@ -32,7 +32,7 @@ def test_pg_align_tiny_end_to_end(tiny_models, tiny_pairs, tmp_path, capsys):
     summary = json.loads((out / "alignment.json").read_text())
     best = summary["best"]
     assert grid[best["vision_layer"], best["llm_layer"]] == pytest.approx(grid.max())
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())
     assert cfg["config"]["k"] == 3 and "torch" in cfg["versions"] and "git_commit" in cfg
     assert (out / "heatmap.png").stat().st_size > 1000
     # second run reads the cache and gives the same grid

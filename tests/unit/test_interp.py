@@ -93,7 +93,7 @@ def test_nnsight_handle_with_a_tokenizer_takes_strings(lm_and_tok, tiny_vlm_dir)
 def test_transformer_lens_prepends_bos_exactly_when_the_hf_tokenizer_does(lm_and_tok, tmp_path, adds_bos):
     from transformers import AutoTokenizer
 
-    from pg_analysis.interp import tokenizer_adds_bos
+    from pg_analysis.models import tokenizer_adds_bos
     from tests.conftest import make_tokenizer
 
     model, _, _, _ = lm_and_tok

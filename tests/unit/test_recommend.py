@@ -78,7 +78,7 @@ def test_rule_bad_input_is_clear():
 @pytest.fixture(scope="module")
 def evidence(tiny_vlm_dir, tiny_pairs, tmp_path_factory):
     """A pg-attnmap result and an alignment.json for the tiny 3-layer VLM."""
-    from pg_analysis.cli import attnmap
+    from pg_train.cli import attnmap
 
     root = tmp_path_factory.mktemp("evidence")
     assert attnmap(["--vlm", str(tiny_vlm_dir), "--data", str(tiny_pairs), "--n", "8", "--skip-layers", "0",
@@ -93,7 +93,7 @@ def evidence(tiny_vlm_dir, tiny_pairs, tmp_path_factory):
 
 
 def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, capsys):
-    from pg_analysis.cli import recommend as recommend_cli
+    from pg_train.cli import recommend as recommend_cli
     from pg_analysis.recommend import load_recommendation
 
     out = tmp_path / "rec"
@@ -107,7 +107,7 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     assert row0["answers_changed"] == 0 and row0["kl"] == pytest.approx(0, abs=1e-9) and row0["saving"] == 0
     assert all(0 < r["saving"] < 1 for r in rec["table"][1:])
     assert set(rec["evidence"]) == {"alignment", "attention", "probe"}
-    assert (out / "recommend.png").is_file() and (out / "config.json").is_file()
+    assert (out / "recommend.png").is_file() and (out / "run.json").is_file()
     assert "recommended insert layer: L = 3" in capsys.readouterr().out
     assert recommend_cli([*args, "--tolerance", "0", "--out", str(tmp_path / "rec0")]) == 0
     assert load_recommendation(tmp_path / "rec0")["recommended_layer"] == 0
@@ -137,6 +137,6 @@ def test_pg_train_layer_auto_reads_or_refuses(tiny_models, tiny_pairs, tiny_vlm_
                       "--baseline", str(tiny_vlm_dir), "--align-result", str(evidence / "align"),
                       "--attnmap", str(evidence / "attnmap"), *common]) == 0
     rec = json.loads((rec_dir / "recommend.json").read_text())
-    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "b" / "run.json").read_text())
     assert cfg["config"]["layer"] == rec["recommended_layer"] and cfg["layer_auto"]["table"] == rec["table"]
     assert "--layer auto: L =" in capsys.readouterr().out

@@ -159,14 +159,14 @@ def _losses(out):
 
 def test_run_writes_its_outputs(tiny_run):
     out, summary = tiny_run
-    for name in ("config.json", "log.jsonl", "loss.png", "summary.json", "model/config.json", "data/manifest.json"):
+    for name in ("run.json", "log.jsonl", "loss.png", "summary.json", "model/config.json", "data/manifest.json"):
         assert (out / name).is_file(), name
     assert [s for s, _, _ in _losses(out)] == [0] * 3 + [1] * 3 + [2] * 4
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     stage2 = [r["grad_norm"] for r in records if r["stage"] == 2]
     assert all(set(g) == {"projector", "lm"} for g in stage2)
     assert all(g["lm"] > 0 for g in stage2)  # the LM layers >= L learn in stage 2
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())
     assert cfg["config"]["layer"] == 1 and "versions" in cfg and cfg["template"] == "vicuna_v1"
     assert summary["scale"]["gain"] > 0 and summary["insert_layer"] == 1
     from pg_train.vlm import load_vlm
