@@ -167,7 +167,7 @@ def hashlib_of(items: list[str]) -> str:
 def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Vision ``[Lv, N, Dv]`` and LM ``[Ll, N, Dl]`` features for the configured pairs (from cache when possible)."""
     from . import data as data_mod
-    from .assets import cache_root
+    from .assets import feature_cache_dir
     from .features import FeatureCache, extract_text, extract_vision
     from .models import load_lm, load_vision, model_identity, pick_runtime
     from .registry import resolve_model
@@ -179,7 +179,7 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     if cfg.k >= len(ds):
         raise InputError(f"k must be < number of samples (k={cfg.k}, N={len(ds)})")
     ids, captions = list(ds["id"]), list(ds["caption"])
-    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features")
+    cache = FeatureCache(feature_cache_dir(cfg.cache_dir))
 
     v_fields = _feature_fields(cfg, ids, captions, model_identity(vision_entry), "vision", runtime)
     t_fields = _feature_fields(cfg, ids, captions, model_identity(llm_entry), "text", runtime)

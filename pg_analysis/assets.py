@@ -42,6 +42,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("PG_CACHE_DIR", Path.home() / ".cache" / "platonic-grounding")).expanduser()
 
 
+def feature_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where encoder and text features are cached: ``cache_dir`` if given, else ``<cache_root>/features``."""
+    return Path(cache_dir) if cache_dir else cache_root() / "features"
+
+
 @dataclass(frozen=True)
 class Asset:
     name: str

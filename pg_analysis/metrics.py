@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .registry import Registry
 
 Tensor = torch.Tensor
 
@@ -289,21 +290,15 @@ def _validate_params(metric: Metric, kw: dict[str, Any], n: int) -> None:
         _check_k(kw["k"], n, allow_none=metric.name == "cknna")
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(metric: Metric) -> Metric:
-    if metric.name in METRICS:
-        raise InputError(f"metric {metric.name!r} is already registered")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.register(metric.name, metric)
 
 
 def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise InputError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None
+    return METRICS.lookup(name)
 
 
 def _no_kw(fn: Callable[..., Any]) -> Callable[..., Any]:

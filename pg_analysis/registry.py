@@ -7,10 +7,44 @@ Explicit entries only: a family is read from an entry or from a checkpoint's ``c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from .errors import InputError
+
+T = TypeVar("T")
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Named entries of one kind (models, datasets, metrics): a read-only mapping that refuses a second entry under
+    a name and answers an unknown name with one line listing the known ones."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise InputError(f"{self.what} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise InputError(f"unknown {self.what} {name!r}; known: {', '.join(sorted(self._entries))}") from None
+
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 VISION_FAMILIES = ("clip", "dinov2", "vit")
 LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
@@ -58,14 +92,11 @@ class ModelEntry:
         return self.label or self.alias
 
 
-MODELS: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model alias")
 
 
 def register_model(entry: ModelEntry) -> ModelEntry:
-    if entry.alias in MODELS:
-        raise InputError(f"model alias {entry.alias!r} is already registered")
-    MODELS[entry.alias] = entry
-    return entry
+    return MODELS.register(entry.alias, entry)
 
 
 # offline packaged assets (see assets.py) -------------------------------------------------------------------------
@@ -101,7 +132,7 @@ def resolve_model(name: str, kind: str) -> ModelEntry:
         return entry
     p = Path(name).expanduser()
     if p.is_dir():
-        cfg = p / "config.json"
+        cfg = p / "config.json"  # the HF model configuration
         if not cfg.is_file():
             raise InputError(f"{p} is a folder but has no config.json: not a HF model folder")
         try:
@@ -126,14 +157,11 @@ class DatasetEntry:
     asset: str | None = None
 
 
-DATASETS: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry("dataset alias")
 
 
 def register_dataset(entry: DatasetEntry) -> DatasetEntry:
-    if entry.alias in DATASETS:
-        raise InputError(f"dataset alias {entry.alias!r} is already registered")
-    DATASETS[entry.alias] = entry
-    return entry
+    return DATASETS.register(entry.alias, entry)
 
 
 register_dataset(DatasetEntry("tuxpaint", "Tux Paint stamps: photographic PNGs with English captions (offline)",

@@ -92,6 +92,10 @@ class FlopModel:
         return (insert_layer * self.layer(text) + (self.n_layers - insert_layer) * self.layer(total)
                 + 2.0 * total * self.hidden * self.vocab)
 
+    def prefill_ratio(self, text: float, vision: float, insert_layer: int) -> float:
+        """``FLOPs(L) / FLOPs(0)`` of a prefill (the predicted saving is one minus this)."""
+        return self.prefill(text, vision, insert_layer) / self.prefill(text, vision, 0)
+
     def decode_step(self, text: int, vision: int, insert_layer: int) -> float:
         per = lambda s: 2.0 * self.layer_params + 4.0 * s * self.hidden  # noqa: E731
         return (insert_layer * per(text) + (self.n_layers - insert_layer) * per(text + vision)
@@ -101,6 +105,16 @@ class FlopModel:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Any, device: torch.device) -> float:
+    """Seconds ``fn()`` takes on ``device``, with the device synchronised before and after (queued GPU kernels
+    are counted, earlier ones are not)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 @dataclass
@@ -161,13 +175,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     def decode(layer: int) -> float:
         cache = prefill(layer).cache
-        with torch.no_grad():
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(cfg.decode_tokens):
-                grounded_forward(model, step, None, layer, cache=cache, use_cache=True)
-            _sync(dev)
-            return (time.perf_counter() - t0) / cfg.decode_tokens
+
+        def steps() -> None:
+            with torch.no_grad():
+                for _ in range(cfg.decode_tokens):
+                    grounded_forward(model, step, None, layer, cache=cache, use_cache=True)
+
+        return timed_call(steps, dev) / cfg.decode_tokens
 
     def train_step(layer: int) -> None:
         model.zero_grad(set_to_none=True)
@@ -175,11 +189,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
 
     def timed(fn, layer: int) -> float:
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn(layer)
-        _sync(dev)
-        return time.perf_counter() - t0
+        return timed_call(lambda: fn(layer), dev)
 
     # Warm-up at L=0 (allocator, kernels), then round-robin over L for each repeat so drift in machine speed hits
     # every L alike; the minimum over repeats is reported (CPU timings are skewed by other load, never sped up).
@@ -207,7 +217,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if dev.type == "cuda":
             _sync(dev)
             peak = torch.cuda.max_memory_allocated(dev) - base_mem
-        rows.append(BenchRow(layer, min(times["prefill"][layer]), flops.prefill(t, v, layer) / flops.prefill(t, v, 0),
+        rows.append(BenchRow(layer, min(times["prefill"][layer]), flops.prefill_ratio(t, v, layer),
                              min(times["decode"][layer]) if cfg.decode_tokens > 0 else None,
                              flops.decode_step(t, v, layer) / flops.decode_step(t, v, 0),
                              min(times["train"][layer]) if cfg.train else None, kv, peak))

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pg_analysis.align import load_align_result
-from pg_analysis.assets import cache_root
+from pg_analysis.assets import feature_cache_dir
 from pg_analysis.attention import load_attnmap
 from pg_analysis.data import load_pairs, select
 from pg_analysis.errors import InputError
@@ -99,7 +99,7 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
         raise InputError(f"layer {layers[-1]} exceeds the LM's {n_layers} layers")
     pairs = load_pairs(cfg.data, cfg.coco_root)
     records = mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
+    cache = feature_cache_dir(cfg.cache_dir)
     prompts = mcq_prompts(pm, records, cache, progress=progress)
     saving = dict(zip(layers, prefill_saving(pm, prompts, layers)))
     probe = None

@@ -165,15 +165,22 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
     return manifest
 
 
+def without_image(record: dict[str, Any], replacement: str = "") -> dict[str, Any]:
+    """The record without its image: each ``<image>`` placeholder (with the line break after it, when
+    ``replacement`` is empty) replaced by ``replacement`` in every turn; the other fields kept."""
+    conv = [dict(t) for t in record["conversations"]]
+    for t in conv:
+        text = t["value"] if replacement else t["value"].replace(IMAGE_TOKEN + "\n", "")
+        t["value"] = text.replace(IMAGE_TOKEN, replacement)
+    return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
+
+
 def text_first(record: dict[str, Any]) -> dict[str, Any] | None:
     """The record with its image replaced by its caption as text ("teach the answer format with text first");
     None when the record has no caption."""
     if not record.get("caption") or not record.get("image"):
         return None
-    conv = [dict(t) for t in record["conversations"]]
-    for t in conv:
-        t["value"] = t["value"].replace(IMAGE_TOKEN, f"Picture: {record['caption']}.")
-    return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
+    return without_image(record, f"Picture: {record['caption']}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,20 +274,27 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: st
     return out
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths → ``(ids [B, T], attention_mask [B, T])``, padded with ``pad_id`` on the
+    right (training, continuations) or the left (prompts to generate from)."""
+    if padding_side not in ("right", "left"):
+        raise InputError(f"padding_side must be right or left, got {padding_side!r}")
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if padding_side == "right" else slice(t - len(r), t)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
 def collate(examples: list[Example], pad_id: int, features: torch.Tensor | None, flips: list[bool] | None = None,
             padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch: ``input_ids``/``attention_mask``/``labels [B, T]`` and ``vision_features [n_images, P, D_v]``
     (images in row order; ``flips[i]`` picks the mirrored copy for example ``i``)."""
-    t = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), t), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), t), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        sl = slice(0, n) if padding_side == "right" else slice(t - n, t)
-        ids[i, sl] = torch.tensor(e.input_ids)
-        labels[i, sl] = torch.tensor(e.labels)
-        mask[i, sl] = 1
+    ids, mask = pad_rows([e.input_ids for e in examples], pad_id, padding_side)
+    labels, _ = pad_rows([e.labels for e in examples], -100, padding_side)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     with_image = [(i, e.image) for i, e in enumerate(examples) if e.image >= 0]
     if with_image:

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from pg_analysis.errors import InputError
 from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_run_record
 
-from .conversations import IMAGE_TOKEN, letter_token_ids
-from .datasets import LETTERS, Example, collate, image_features, load_llava_json, text_first, tokenize_records
+from .conversations import letter_token_ids
+from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
+                       tokenize_records, without_image)
 from .grounding import CACHE_FIELD, GroundedCache
 from .trainer import CaptionStates, caption_targets, image_prefix, precision_context
 from .vlm import VLM, use_attention
@@ -148,13 +149,6 @@ class EvalConfig:
             raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
 
 
-def _strip_image(record: dict[str, Any]) -> dict[str, Any]:
-    conv = [dict(t) for t in record["conversations"]]
-    for t in conv:
-        t["value"] = t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
-    return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the evaluator
 
@@ -178,7 +172,7 @@ class Evaluator:
         self.centred = centred
 
     def _prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
-        recs = [_strip_image(r) for r in records] if control == "no_image" else records
+        recs = [without_image(r) for r in records] if control == "no_image" else records
         exs = tokenize_records(recs, self.vlm.tokenizer, self.template, self.model.config.image_token_index,
                                self.model.num_image_tokens, self.image_index, generation=True, system=self.system)
         if control == "shuffled":
@@ -282,13 +276,8 @@ class Evaluator:
         cache: GroundedCache = getattr(out, CACHE_FIELD)
         k = len(candidates)
         cache.repeat_rows(k)
-        t = max(len(c) for c in candidates)
-        ids = torch.full((k, t), self.vlm.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((k, t), dtype=torch.long)
-        for i, c in enumerate(candidates):
-            ids[i, :len(c)] = torch.tensor(c)
-            mask[i, :len(c)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = (x.to(self.device) for x in pad_rows(candidates, self.vlm.tokenizer.pad_token_id))
+        t = ids.shape[1]
         with precision_context(self.cfg.precision, self.device):
             logits = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
         logp = torch.log_softmax(logits.float(), -1)  # row j predicts token j+1
@@ -343,7 +332,7 @@ class Evaluator:
     @torch.no_grad()
     def efficiency(self) -> dict[str, Any]:
         """MCQ prefill latency (one batch) at the model's L and at L=0, with the FLOP prediction."""
-        from .bench import FlopModel
+        from .bench import FlopModel, timed_call
 
         exs = self._prompts(self.records["mcq"][:self.cfg.batch_size], "image")
         batch = self._batch(exs)
@@ -357,16 +346,12 @@ class Evaluator:
                 self.model.set_insert_layer(lay)
                 best = float("inf")
                 for _ in range(max(1, self.cfg.bench_repeats)):
-                    t0 = time.perf_counter()
                     with precision_context(self.cfg.precision, self.device):
-                        self.model(**batch, logits_to_keep=1)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    best = min(best, time.perf_counter() - t0)
+                        best = min(best, timed_call(lambda: self.model(**batch, logits_to_keep=1), self.device))
                 timings[lay] = best
         finally:
             self.model.set_insert_layer(layer)
-        predicted = flops.prefill(t, v, layer) / flops.prefill(t, v, 0)
+        predicted = flops.prefill_ratio(t, v, layer)
         measured = timings[layer] / timings[0]
         return {"insert_layer": layer, "batch": len(exs), "text_tokens": t, "vision_tokens": v,
                 "prefill_s": timings[layer], "prefill_s_L0": timings[0], "measured_ratio": measured,
@@ -386,7 +371,7 @@ def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], P
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate one trained model (see module docstring); returns the result dict."""
-    from pg_analysis.assets import cache_root
+    from pg_analysis.assets import feature_cache_dir
     from pg_analysis.models import pick_runtime
 
     from .probe import load_prompt_model
@@ -400,7 +385,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     root = manifest.get("image_root")
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
                for task in ("mcq", "what")}
-    cache_dir = Path(train_cfg["cache_dir"]) if train_cfg.get("cache_dir") else cache_root() / "features"
+    cache_dir = feature_cache_dir(train_cfg.get("cache_dir"))
     # TrainConfig.centred, read from the saved options; a run from before --match-mean existed was not centred
     ev = Evaluator(vlm, template, system, records, cfg, cache_dir,
                    centred=bool(train_cfg.get("scale_match", True) and train_cfg.get("match_mean", False)))

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pg_analysis.assets import cache_root
+from pg_analysis.assets import feature_cache_dir
 from pg_analysis.attention import AttnmapConfig, AttnmapResult, attention_map, sample_tokens
 from pg_analysis.data import load_pairs, select
 from pg_analysis.errors import InputError
@@ -145,7 +145,7 @@ def prefill_saving(pm: PromptModel, prompts: Prompts, layers: list[int]) -> list
     v = pm.model.num_image_tokens
     t = float(np.mean([len(e.input_ids) for e in prompts.examples])) - v
     flops = FlopModel.of(pm.model.decoder_parts())
-    return [1.0 - flops.prefill(t, v, layer) / flops.prefill(t, v, 0) for layer in layers]
+    return [1.0 - flops.prefill_ratio(t, v, layer) for layer in layers]
 
 
 def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:
@@ -154,7 +154,7 @@ def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:
     pairs = load_pairs(cfg.data, cfg.coco_root)
     n = min(cfg.n, len(pairs))
     records = mcq_records(select(pairs, n, cfg.seed), cfg.seed)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
+    cache = feature_cache_dir(cfg.cache_dir)
     prompts = mcq_prompts(pm, records, cache, progress=progress)
     t0 = time.perf_counter()
     attention = attention_map(pm, prompts, cfg.query, cfg.backend, cfg.batch_size, progress)

@@ -49,7 +49,7 @@ from pg_analysis.runs import (CHECKPOINTS_DIR, DATA_DIR, MODEL_DIR, TRAIN_LOG, T
                              write_run_record)
 
 from .conversations import TEMPLATES, default_template
-from .datasets import (Example, build_tuxpaint_instructions, collate, image_features, load_llava_json,
+from .datasets import (Example, build_tuxpaint_instructions, collate, image_features, load_llava_json, pad_rows,
                        text_first, tokenize_records)
 from .vlm import ATTENTION, VLM, build_vlm, load_vlm, use_attention
 
@@ -372,13 +372,7 @@ def caption_targets(vlm: VLM, captions: list[str], layer: int, prefix: list[int]
     means, tokens = [], []
     for start in range(0, len(captions), batch_size):
         rows = [prefix + tok(c, add_special_tokens=False)["input_ids"] for c in captions[start:start + batch_size]]
-        t = max(map(len, rows))
-        ids = torch.full((len(rows), t), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), t), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        ids, mask = (t.to(lm.device) for t in pad_rows(rows, tok.pad_token_id))
         if layer == 0:
             h = lm.embed_tokens(ids)
         else:
@@ -403,7 +397,7 @@ def image_prefix(examples: list[Example], image_token_id: int) -> list[int]:
 
 
 def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
-    from pg_analysis.assets import cache_root
+    from pg_analysis.assets import feature_cache_dir
     from pg_analysis.models import pick_runtime
 
     runtime = pick_runtime(cfg.device, "float32")
@@ -436,7 +430,7 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
     if not paths:
         raise InputError("the training data has no images")
     image_index = {p: i for i, p in enumerate(paths)}
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "features"
+    cache_dir = feature_cache_dir(cfg.cache_dir)
     features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
     model = vlm.model
     tok = vlm.tokenizer
