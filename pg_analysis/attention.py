@@ -19,7 +19,6 @@ The image span is found from the image-token id, never hard-coded.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -24,7 +24,7 @@ Gating risks by default: ``attention_lost`` and ``alignment_deficit`` — the pa
 is always measured and reported, and gates when ``risks`` includes ``answers_changed``. Why not by default: on the
 offline pair (DINOv2-S × SmolLM2-135M) the untrained probe changes ~60 % of answers at *every* L ≥ 1 (accuracy at
 chance, with or without rescaling the vision rows to layer L's norm), so it measures that the model must be
-retrained, not which L retrains well (README, "Choosing L").
+retrained, not which L retrains well (docs/experiments.md, 2026-11-22).
 """
 
 from __future__ import annotations

@@ -68,74 +68,7 @@ bench_main = entry_point(bench)
 # ----------------------------------------------------------------------------------------------------------------
 # pg-train
 
-_TRAIN_HELP = {
-    "out_dir": "output folder (default: %(default)s)",
-    "vision": "frozen vision encoder: alias, folder or hub id (default: %(default)s)",
-    "llm": "language model: alias, folder or hub id (default: %(default)s)",
-    "init_from": "start from a pg-train model folder or an HF LLaVA checkpoint (e.g. llava) instead of --vision/--llm",
-    "layer": "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA), or auto: the layer "
-             "pg-recommend names (read from --recommendation, else computed there from --baseline, --align-result "
-             "and --attnmap) (default: %(default)s)",
-    "vision_feature_layer": "encoder hidden state used, as LLaVA (default: %(default)s)",
-    "vision_pool": "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens (default: %(default)s)",
-    "projector": "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)",
-    "data": "image-caption pairs the instruction data is built from (tuxpaint, a .jsonl/.csv), or llava to train on "
-            "--stage1-data/--stage2-data (default: %(default)s)",
-    "extra_train": "more image-caption pairs for the training split only (a pairs source or .jsonl/.csv); pairs "
-                   "sharing a val/test caption are left out; auto: tuxpaint-cartoon (108 drawings) when --data is "
-                   "tuxpaint, else none; none: off (default: %(default)s)",
-    "stage1_data": "LLaVA JSON for stage 1 (captioning)",
-    "stage2_data": "LLaVA JSON for stage 2 (instructions)",
-    "image_root": "folder the JSON's image paths are relative to (default: the JSON's folder)",
-    "template": "stage-2 conversation template: auto, chat, vicuna_v1, plain (default: %(default)s)",
-    "system_prompt": "system prompt for chat/vicuna templates; 'default' keeps the template's own; '' gives none with vicuna_v1 (default: %(default)s)",
-    "max_length": "max tokens per example; longer ones are cut with a warning (default: %(default)s)",
-    "scale_match": "set the projector gain to the LM's hidden-state norm at L before training (default: %(default)s)",
-    "match_mean": "with --scale-match, also set the projector offset so the rows have the mean of the LM's token "
-                  "states at L, and match the norm around it (default: %(default)s)",
-    "stage0_steps": "Platonic warm-up steps (InfoNCE, projector only); 0 skips stage 0 (default: %(default)s)",
-    "stage0_lr": "stage-0 learning rate (default: %(default)s)",
-    "tau": "InfoNCE temperature (default: %(default)s)",
-    "stage1_steps": "stage-1 steps (projector on captions, LLaVA's stage 1); default: 100 with --stage1-data, else 0 (after the warm-up it undoes the alignment; README)",
-    "stage1_lr": "stage-1 learning rate (default: %(default)s)",
-    "stage2_steps": "stage-2 steps (projector + LM layers >= L) (default: %(default)s)",
-    "stage2_lr": "stage-2 learning rate of the LM (or LoRA) parameters (default: %(default)s)",
-    "stage2_projector_lr": "stage-2 learning rate of the projector (default: %(default)s)",
-    "text_first_steps": "first stage-2 steps that give the caption as text instead of the image (default: %(default)s)",
-    "text_first_frac": "fraction of later stage-2 steps that do so (default: %(default)s)",
-    "aux_weight": "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: %(default)s)",
-    "distill_weight": "weight of the text-twin distillation term in stage 2: image examples' LM states after the "
-                      "image pulled towards those with the caption as text in its place; 0 disables "
-                      "(default: %(default)s)",
-    "distill_layers": "layers >= L (evenly spaced, the last included) that the distillation term matches "
-                      "(default: %(default)s)",
-    "lora": "stage 2 trains LoRA adapters (peft) on layers >= L instead of the full layers (default: %(default)s)",
-    "lora_r": "LoRA rank (default: %(default)s)",
-    "lora_alpha": "LoRA alpha (default: %(default)s)",
-    "batch_size": "examples per optimizer step (per micro-batch) (default: %(default)s)",
-    "grad_accum": "micro-batches per optimizer step (default: %(default)s)",
-    "warmup_frac": "fraction of each stage's steps with linear warm-up before the cosine decay (default: %(default)s)",
-    "weight_decay": "AdamW weight decay (default: %(default)s)",
-    "max_grad_norm": "gradient clipping norm; 0 disables (default: %(default)s)",
-    "precision": "bf16 (autocast) or fp32 (default: %(default)s)",
-    "attention": "LM attention kernel: auto (eager on CPU, measured faster there; sdpa elsewhere), eager or sdpa "
-                 "(default: %(default)s)",
-    "gradient_checkpointing": "recompute decoder layers in the backward pass to save memory (default: %(default)s)",
-    "checkpoint_every": "save a checkpoint every N steps (and at each stage end) (default: %(default)s)",
-    "seed": "seed of data order, augmentation and initialisation (default: %(default)s)",
-    "device": "cpu or cuda (default: cuda if available)",
-    "cache_dir": "encoder-feature cache folder (default: <asset cache>/features)",
-    "resume": "continue from the latest checkpoint in --out-dir (default: %(default)s)",
-    "stop_after": "stop after N optimizer steps in this process, leaving a checkpoint (to test resuming)",
-}
 
-
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
 def _layer(value: str) -> int | str:
@@ -148,7 +81,7 @@ def _layer(value: str) -> int | str:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    import dataclasses
+    from pg_analysis.options import add_dataclass_arguments
 
     from .trainer import TrainConfig
 
@@ -157,22 +90,7 @@ def train_parser() -> argparse.ArgumentParser:
         description="Train a grounded frozen-encoder VLM (vision rows enter the LM at layer L): stage 0 InfoNCE "
                     "warm-up, stage 1 projector, stage 2 projector + LM. Default: DINOv2-S x SmolLM2-135M on the "
                     "offline Tux Paint instruction data.")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "progress":
-            continue
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
-        kw: dict = {"default": f.default, "help": _TRAIN_HELP[f.name], "dest": f.name}
-        if f.name == "layer":
-            kw["type"] = _layer
-        elif f.type in ("bool",):
-            kw.update(type=_bool, nargs="?", const=True)
-        elif f.type in ("int",):
-            kw["type"] = int
-        elif f.type in ("float",):
-            kw["type"] = float
-        elif f.type == "int | None":
-            kw["type"] = int
-        p.add_argument(flag, **kw)
+    add_dataclass_arguments(p, TrainConfig, skip=("progress",), rename={"out_dir": "--out"}, types={"layer": _layer})
     auto = p.add_argument_group("--layer auto")
     auto.add_argument("--recommendation", default="runs/recommend",
                       help="pg-recommend result folder: read if present, else written there (default: %(default)s)")

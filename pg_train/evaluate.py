@@ -171,7 +171,7 @@ class Evaluator:
         self._option_targets: tuple[dict[str, int], CaptionStates] | None = None
         self.centred = centred
 
-    def _prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
+    def prompts(self, records: list[dict[str, Any]], control: str) -> list[Example]:
         recs = [without_image(r) for r in records] if control == "no_image" else records
         exs = tokenize_records(recs, self.vlm.tokenizer, self.template, self.model.config.image_token_index,
                                self.model.num_image_tokens, self.image_index, generation=True, system=self.system)
@@ -206,7 +206,7 @@ class Evaluator:
 
     def mcq(self, control: str) -> dict[str, Any]:
         records = self.records["mcq"]
-        return self._letter_accuracy(self.last_logits(self._prompts(records, control)), records)
+        return self._letter_accuracy(self.last_logits(self.prompts(records, control)), records)
 
     def text_mcq(self) -> dict[str, Any]:
         """MCQ with the caption as text in place of the image (``Picture: <caption>.``, the text-first format)."""
@@ -233,7 +233,7 @@ class Evaluator:
         if self._option_targets is None:
             records = self._image_questions()
             captions = sorted({o for r in records for o in r["options"]})
-            prefix = image_prefix(self._prompts(records[:1], "image"), self.model.config.image_token_index)
+            prefix = image_prefix(self.prompts(records[:1], "image"), self.model.config.image_token_index)
             states = caption_targets(self.vlm, captions, self.model.insert_layer, prefix)
             self._option_targets = ({c: i for i, c in enumerate(captions)}, states)
         return self._option_targets
@@ -246,7 +246,7 @@ class Evaluator:
         index, states = self.option_targets()
         rows = caption_rows(states.means[[index[r["caption"]] for r in records]], self.model.num_image_tokens,
                             states.median_norm)
-        return self._letter_accuracy(self.last_logits(self._prompts(records, "image"), rows), records)
+        return self._letter_accuracy(self.last_logits(self.prompts(records, "image"), rows), records)
 
     @torch.no_grad()
     def warmup_retrieval(self) -> dict[str, Any]:
@@ -290,7 +290,7 @@ class Evaluator:
     def ranking(self, control: str, pool: str) -> dict[str, Any]:
         """``pool``: ``options`` (its 4 MCQ options) or ``all`` (every test caption)."""
         what = self.records["what"]
-        prompts = self._prompts(what, control)
+        prompts = self.prompts(what, control)
         options = {}
         for r in self.records["mcq"]:
             options.setdefault(r["image_id"], r["options"])
@@ -312,7 +312,7 @@ class Evaluator:
     @torch.no_grad()
     def generation(self) -> dict[str, Any]:
         what = self.records["what"]
-        exs = self._prompts(what, "image")
+        exs = self.prompts(what, "image")
         tok = self.vlm.tokenizer
         preds = []
         for start in tqdm(range(0, len(exs), self.cfg.batch_size), desc="generate", disable=not self.cfg.progress):
@@ -334,7 +334,7 @@ class Evaluator:
         """MCQ prefill latency (one batch) at the model's L and at L=0, with the FLOP prediction."""
         from .bench import FlopModel, timed_call
 
-        exs = self._prompts(self.records["mcq"][:self.cfg.batch_size], "image")
+        exs = self.prompts(self.records["mcq"][:self.cfg.batch_size], "image")
         batch = self._batch(exs)
         layer = self.model.insert_layer
         v = self.model.num_image_tokens

@@ -1,6 +1,6 @@
 """``pg-train``: grounded frozen-encoder VLM training — stage 0 (Platonic warm-up), stage 1, stage 2.
 
-A thin loop over ``accelerate``; the recipe follows ``TRAINING-NOTES.md`` (what worked on this CPU):
+A thin loop over ``accelerate``; the recipe and why each default: ``docs/recipe.md``:
 
 - **scale matching** — before training, the projector's ``gain`` is set so the median norm of its output tokens
   equals the median norm of the LM's hidden states at the insertion point (input embeddings for L=0, the input of
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
 from pg_analysis.interp import capture_outputs
+from pg_analysis.options import option
 from pg_analysis.runinfo import atomic_write_json
 from pg_analysis.runs import (CHECKPOINTS_DIR, DATA_DIR, MODEL_DIR, TRAIN_LOG, TRAIN_SUMMARY,
                              write_run_record)
@@ -62,63 +63,88 @@ RESUME_FREE = ("out_dir", "resume", "checkpoint_every", "stop_after", "progress"
 
 @dataclass
 class TrainConfig:
-    """All options of one ``pg-train`` run. Validates itself in ``__post_init__``; no I/O."""
+    """All options of one ``pg-train`` run, each with its flag's help (``pg-train --help``). Validates itself in
+    ``__post_init__``; no I/O. Why each default is what it is: ``docs/recipe.md``."""
 
-    out_dir: str = "runs/train"
-    vision: str = "dinov2-small-imgfocus"
-    llm: str = "smollm2-135m"
-    init_from: str | None = None  # a pg-train model folder or an HF LLaVA checkpoint instead of vision + llm
-    layer: int = 0
-    vision_feature_layer: int = -2
-    vision_pool: int = 4
-    projector: str = "mlp"
-    data: str = "tuxpaint"  # image–caption pairs for the instruction builder (tuxpaint, .jsonl/.csv) or "llava"
-    extra_train: str | None = "auto"  # more pairs for the training split only; auto: tuxpaint-cartoon with
-    # --data tuxpaint (measured better, README), else none; "none"/None: off
-    stage1_data: str | None = None
-    stage2_data: str | None = None
-    image_root: str | None = None
-    template: str = "auto"  # stage 2: auto = the LM's chat template if it has one, else vicuna_v1
-    system_prompt: str | None = "Answer about the image."  # None: the template's default (SmolLM2's is 20 tokens)
-    max_length: int = 256
-    scale_match: bool = True
-    match_mean: bool = True  # with scale_match: also give the rows the mean of the LM's token states at L
-    stage0_steps: int = 50  # more overfits: held-out warm-up retrieval 0.57 at 50 steps, 0.41 at 300 (README)
-    stage0_lr: float = 1e-3
-    tau: float = 0.07
-    stage1_steps: int | None = None  # LLaVA's captioning stage. None: 100 when --stage1-data is given, else 0 — on
-    # the built data, after stage 0, it cut held-out warm-up retrieval from ~0.55 to 0.34 (run h2), and skipping it
-    # changed MCQ from 0.396 to 0.404 in 4 min less (README)
-    stage1_lr: float = 1e-3
-    stage2_steps: int = 220  # 250 before --distill-weight (teacher passes: 1.2-1.6 s per image step); 230 at lr 1e-4
-    stage2_lr: float = 2e-4  # LM (or LoRA) parameters. 1e-4 before run k1: with the distillation 2e-4 gave MCQ
-    # 0.490 at L=0 and 0.487 at L=4 (k1, k4; 0.407 / 0.467 at 1e-4, j4 / j3); without it 2e-4 sent L=4 to chance (j2)
-    stage2_projector_lr: float = 1e-3
-    text_first_steps: int = 60  # at L=4, 20 steps and 20 % left the answer format unlearnt (text MCQ 0.27, run
-    text_first_frac: float = 0.3  # i3); 60 and 30 %: L=4 MCQ 0.399 (i1), L=0 0.409 (i4; 0.437 with 20 / 20 %, i2)
-    aux_weight: float = 0.1
-    distill_weight: float = 1.0  # image steps also match the LM states of the text twin (caption in place of the
-    # image) on the tokens after the image, at distill_layers layers >= L; 0 disables. L=4 MCQ 0.399 -> 0.467 (runs
-    # i1, j3; LM lr 1e-4), L=0 0.409 -> 0.407 (i4, j4): README
-    distill_layers: int = 4
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    batch_size: int = 16
-    grad_accum: int = 1
-    warmup_frac: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    precision: str = "bf16"  # bf16 autocast (CPU and CUDA ≥ 8.0) or fp32
-    attention: str = "auto"  # the LM's attention kernel: auto = eager on CPU (measured faster), sdpa elsewhere
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str | None = None
-    cache_dir: str | None = None  # encoder-feature cache (default: <asset cache>/features)
-    resume: bool = False
-    stop_after: int | None = None  # stop after this many optimizer steps in this process (simulates a kill)
-    progress: bool = True
+    out_dir: str = option("runs/train", "output folder (default: %(default)s)")
+    vision: str = option("dinov2-small-imgfocus", "frozen vision encoder: alias, folder or hub id (default: "
+                                                  "%(default)s)")
+    llm: str = option("smollm2-135m", "language model: alias, folder or hub id (default: %(default)s)")
+    init_from: str | None = option(None, "start from a pg-train model folder or an HF LLaVA checkpoint (e.g. llava) "
+                                         "instead of --vision/--llm")
+    layer: int = option(0, "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA), or auto: the "
+                           "layer pg-recommend names (read from --recommendation, else computed there from "
+                           "--baseline, --align-result and --attnmap) (default: %(default)s)")
+    vision_feature_layer: int = option(-2, "encoder hidden state used, as LLaVA (default: %(default)s)")
+    vision_pool: int = option(4, "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens"
+                                 " (default: %(default)s)")
+    projector: str = option("mlp", "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)")
+    data: str = option("tuxpaint", "image-caption pairs the instruction data is built from (tuxpaint, a "
+                                   ".jsonl/.csv), or llava to train on --stage1-data/--stage2-data (default: "
+                                   "%(default)s)")
+    extra_train: str | None = option("auto", "more image-caption pairs for the training split only (a pairs source "
+                                             "or .jsonl/.csv); pairs sharing a val/test caption are left out; auto: "
+                                             "tuxpaint-cartoon (108 drawings) when --data is tuxpaint, else none; "
+                                             "none: off (default: %(default)s)")
+    stage1_data: str | None = option(None, "LLaVA JSON for stage 1 (captioning)")
+    stage2_data: str | None = option(None, "LLaVA JSON for stage 2 (instructions)")
+    image_root: str | None = option(None, "folder the JSON's image paths are relative to (default: the JSON's "
+                                          "folder)")
+    template: str = option("auto", "stage-2 conversation template: auto, chat, vicuna_v1, plain (default: "
+                                   "%(default)s)")
+    system_prompt: str | None = option("Answer about the image.", "system prompt for chat/vicuna templates; "
+                                                                  "'default' keeps the template's own; '' gives none"
+                                                                  " with vicuna_v1 (default: %(default)s)")
+    max_length: int = option(256, "max tokens per example; longer ones are cut with a warning (default: %(default)s)")
+    scale_match: bool = option(True, "set the projector gain to the LM's hidden-state norm at L before training "
+                                     "(default: %(default)s)")
+    match_mean: bool = option(True, "with --scale-match, also set the projector offset so the rows have the mean of "
+                                    "the LM's token states at L, and match the norm around it (default: %(default)s)")
+    stage0_steps: int = option(50, "Platonic warm-up steps (InfoNCE, projector only); 0 skips stage 0 (default: "
+                                   "%(default)s)")
+    stage0_lr: float = option(1e-3, "stage-0 learning rate (default: %(default)s)")
+    tau: float = option(0.07, "InfoNCE temperature (default: %(default)s)")
+    stage1_steps: int | None = option(None, "stage-1 steps (projector on captions, LLaVA's stage 1); default: 100 "
+                                            "with --stage1-data, else 0 (after the warm-up it undoes the alignment; "
+                                            "docs/recipe.md)")
+    stage1_lr: float = option(1e-3, "stage-1 learning rate (default: %(default)s)")
+    stage2_steps: int = option(220, "stage-2 steps (projector + LM layers >= L) (default: %(default)s)")
+    stage2_lr: float = option(2e-4, "stage-2 learning rate of the LM (or LoRA) parameters (default: %(default)s)")
+    stage2_projector_lr: float = option(1e-3, "stage-2 learning rate of the projector (default: %(default)s)")
+    text_first_steps: int = option(60, "first stage-2 steps that give the caption as text instead of the image "
+                                       "(default: %(default)s)")
+    text_first_frac: float = option(0.3, "fraction of later stage-2 steps that do so (default: %(default)s)")
+    aux_weight: float = option(0.1, "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: "
+                                    "%(default)s)")
+    distill_weight: float = option(1.0, "weight of the text-twin distillation term in stage 2: image examples' LM "
+                                        "states after the image pulled towards those with the caption as text in its"
+                                        " place; 0 disables (default: %(default)s)")
+    distill_layers: int = option(4, "layers >= L (evenly spaced, the last included) that the distillation term "
+                                    "matches (default: %(default)s)")
+    lora: bool = option(False, "stage 2 trains LoRA adapters (peft) on layers >= L instead of the full layers "
+                               "(default: %(default)s)")
+    lora_r: int = option(16, "LoRA rank (default: %(default)s)")
+    lora_alpha: int = option(32, "LoRA alpha (default: %(default)s)")
+    batch_size: int = option(16, "examples per optimizer step (per micro-batch) (default: %(default)s)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (default: %(default)s)")
+    warmup_frac: float = option(0.03, "fraction of each stage's steps with linear warm-up before the cosine decay "
+                                      "(default: %(default)s)")
+    weight_decay: float = option(0.0, "AdamW weight decay (default: %(default)s)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables (default: %(default)s)")
+    precision: str = option("bf16", "bf16 (autocast) or fp32 (default: %(default)s)")
+    attention: str = option("auto", "LM attention kernel: auto (eager on CPU, measured faster there; sdpa "
+                                    "elsewhere), eager or sdpa (default: %(default)s)")
+    gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass to save memory "
+                                                 "(default: %(default)s)")
+    checkpoint_every: int = option(100, "save a checkpoint every N steps (and at each stage end) (default: "
+                                        "%(default)s)")
+    seed: int = option(0, "seed of data order, augmentation and initialisation (default: %(default)s)")
+    device: str | None = option(None, "cpu or cuda (default: cuda if available)")
+    cache_dir: str | None = option(None, "encoder-feature cache folder (default: <asset cache>/features)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out-dir (default: %(default)s)")
+    stop_after: int | None = option(None, "stop after N optimizer steps in this process, leaving a checkpoint (to "
+                                          "test resuming)")
+    progress: bool = option(True, "progress bars (the CLI's --quiet turns them off)")
 
     def __post_init__(self) -> None:
         if self.stage1_steps is None:
@@ -649,7 +675,7 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
     else:
         start_stage, start_step = 0, 0
         if cfg.scale_match and not cfg.init_from:
-            scale.update(_match_scale(model, prepared.features[:, 0], prepared.states, cfg.match_mean))
+            scale.update(match_scale(model, prepared.features[:, 0], prepared.states, cfg.match_mean))
     config_record = {"data": prepared.data_manifest, "num_image_tokens": model.num_image_tokens,
                      "template": _stage_template(cfg, vlm.tokenizer), "attention": attention}
     if layer_evidence is not None:
@@ -711,7 +737,7 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
                         micro = micro + cfg.distill_weight * d / cfg.grad_accum
                         distill = float(d.detach()) + (distill or 0.0)
                     if cfg.aux_weight and "vision_features" in batch:
-                        a = _aux_loss(cfg, prepared, model, exs, batch["vision_features"], device)
+                        a = aux_loss(cfg, prepared, model, exs, batch["vision_features"], device)
                         micro = micro + cfg.aux_weight * a / cfg.grad_accum
                         aux = float(a.detach()) if aux is None else aux + float(a.detach())
                     accelerator.backward(micro)
@@ -787,7 +813,7 @@ def _throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _match_scale(model: Any, features: torch.Tensor, states: CaptionStates, match_mean: bool) -> dict[str, float]:
+def match_scale(model: Any, features: torch.Tensor, states: CaptionStates, match_mean: bool) -> dict[str, float]:
     """Set the projector's ``gain`` (and, with ``match_mean``, its ``offset``) from ``features [N, P, D_v]``:
 
     - ``match_mean=False``: median output-row norm = the LM's median token norm at L; offset 0;
@@ -844,8 +870,8 @@ def _distill_loss(cfg: TrainConfig, trained: Any, picked: list[Any], student: di
     return torch.stack(losses).mean()
 
 
-def _aux_loss(cfg: TrainConfig, prepared: Prepared, model: Any, exs: list[Example], vision_features: torch.Tensor,
-              device: torch.device) -> torch.Tensor:
+def aux_loss(cfg: TrainConfig, prepared: Prepared, model: Any, exs: list[Example], vision_features: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
     """InfoNCE of the batch's projected images against their captions' targets (the warm-up kept as a term).
 
     Each image counts once: a batch can hold two questions about one picture (~0.3 of 16 rows on the Tux Paint

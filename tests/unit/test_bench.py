@@ -1,11 +1,9 @@
 """pg-bench on a tiny model: structure, exact KV-cache bytes, FLOP model, bad input."""
 
-import json
 
 import pytest
 
 from pg_train.bench import BenchConfig, FlopModel, run_bench
-from pg_train.cli import bench
 
 
 def test_flop_model_matches_hand_count():
@@ -30,21 +28,6 @@ def test_run_bench_tiny(tiny_models):
     assert rows[0]["prefill_pred"] == 1.0 and rows[3]["prefill_pred"] < rows[1]["prefill_pred"] < 1.0
     assert all(r["prefill_s"] > 0 and r["train_step_s"] > 0 and r["decode_token_s"] > 0 for r in rows.values())
     assert "prefill_saving_achieved" in rows[1]
-
-
-def test_pg_bench_cli_writes_and_rejects(tiny_models, tmp_path, capsys):
-    out = tmp_path / "bench"
-    argv = ["--model", str(tiny_models["llama"]), "--text-tokens", "4", "--vision-tokens", "4", "--repeats", "1",
-            "--decode-tokens", "1", "--device", "cpu", "--quiet", "--out", str(out)]
-    assert bench(argv + ["--layers", "0,2"]) == 0
-    data = json.loads((out / "bench.json").read_text())
-    assert [r["insert_layer"] for r in data["rows"]] == [0, 2]
-    assert (out / "efficiency.png").stat().st_size > 1000
-    bad = tmp_path / "bad"
-    assert bench(argv[:-1] + [str(bad), "--layers", "0,9"]) == 2
-    err = capsys.readouterr().err
-    assert "insert layer 9 outside [0, 3]" in err and "Traceback" not in err
-    assert not bad.exists()
 
 
 def test_bench_config_validates():

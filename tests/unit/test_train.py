@@ -1,14 +1,13 @@
-"""Instruction data builder, parameter policy per stage, the training loop and resume, and pg-eval, on tiny models."""
+"""Instruction data builder, batches and schedules, parameter policy per stage, losses and scale matching (tiny)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from pg_analysis.errors import InputError
 from pg_train.datasets import build_tuxpaint_instructions, collate, load_llava_json
-from pg_train.trainer import (TrainConfig, batch_indices, info_nce, lr_factor, set_trainable, train)
+from pg_train.trainer import TrainConfig, batch_indices, info_nce, lr_factor, set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -137,136 +136,10 @@ def test_each_stage_trains_only_its_parameters(tiny_models):
                        for n in got)
 
 
-def _cfg(tiny_models, tiny_pairs, out, **kw):
-    base = dict(out_dir=str(out), vision=str(tiny_models["dinov2"]), llm=str(tiny_models["llama"]),
-                data=str(tiny_pairs), layer=1, vision_pool=2, stage0_steps=3, stage1_steps=3, stage2_steps=4,
-                text_first_steps=1, batch_size=4, checkpoint_every=2, precision="fp32", max_length=128,
-                cache_dir=str(Path(out).parent / "features"), progress=False, aux_weight=0.1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_models, tiny_pairs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "full"
-    summary = train(_cfg(tiny_models, tiny_pairs, out))
-    return out, summary
-
-
-def _losses(out):
-    return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
-
-
-def test_run_writes_its_outputs(tiny_run):
-    out, summary = tiny_run
-    for name in ("run.json", "log.jsonl", "loss.png", "summary.json", "model/config.json", "data/manifest.json"):
-        assert (out / name).is_file(), name
-    assert [s for s, _, _ in _losses(out)] == [0] * 3 + [1] * 3 + [2] * 4
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    stage2 = [r["grad_norm"] for r in records if r["stage"] == 2]
-    assert all(set(g) == {"projector", "lm"} for g in stage2)
-    assert all(g["lm"] > 0 for g in stage2)  # the LM layers >= L learn in stage 2
-    cfg = json.loads((out / "run.json").read_text())
-    assert cfg["config"]["layer"] == 1 and "versions" in cfg and cfg["template"] == "vicuna_v1"
-    assert summary["scale"]["gain"] > 0 and summary["insert_layer"] == 1
-    from pg_train.vlm import load_vlm
-
-    assert load_vlm(out / "model").model.insert_layer == 1
-
-
-def test_resume_after_a_kill_follows_the_same_loss_curve(tiny_run, tiny_models, tiny_pairs, tmp_path):
-    full, _ = tiny_run
-    out = tmp_path / "killed"
-    first = train(_cfg(tiny_models, tiny_pairs, out, stop_after=5))  # dies inside stage 1
-    assert first["stopped_early"] and not (out / "model").exists()
-    train(_cfg(tiny_models, tiny_pairs, out, resume=True))
-    a, b = _losses(full), _losses(out)
-    assert [x[:2] for x in a] == [x[:2] for x in b]
-    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-5, abs=1e-6)
-
-
-def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
-    full, _ = tiny_run
-    with pytest.raises(InputError, match="not empty"):
-        train(_cfg(tiny_models, tiny_pairs, full))
-    with pytest.raises(InputError, match="incompatible"):
-        train(_cfg(tiny_models, tiny_pairs, full, resume=True, stage2_lr=0.5))
-    with pytest.raises(InputError, match="no checkpoint"):
-        train(_cfg(tiny_models, tiny_pairs, tmp_path / "empty", resume=True))
-    with pytest.raises(InputError, match="layer"):
-        train(_cfg(tiny_models, tiny_pairs, tmp_path / "deep", layer=9))
-
-
-def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
-    from pg_train.cli import eval_cli
-
-    out, _ = tiny_run
-    assert eval_cli([str(out), "--quiet", "--max-new-tokens", "3", "--precision", "fp32", "--bench-repeats", "1"]) == 0
-    result = json.loads((out / "eval" / "eval.json").read_text())
-    n_test = result["n_images"]
-    for control in ("image", "no_image", "shuffled"):
-        assert result["mcq"][control]["n"] == 4 * n_test
-        assert sum(result["mcq"][control]["letters"].values()) == 4 * n_test
-        lo, hi = result["mcq"][control]["ci95"]
-        assert lo <= result["mcq"][control]["accuracy"] <= hi
-        assert result["rank4"][control]["n"] == n_test
-    for diagnostic in ("text_mcq", "slot_mcq", "warmup_rank4"):
-        d = result["diagnostics"][diagnostic]
-        assert d["n"] == 4 * n_test and 0 <= d["accuracy"] <= 1
-    for diagnostic in ("text_mcq", "slot_mcq"):
-        assert sum(result["diagnostics"][diagnostic]["letters"].values()) == 4 * n_test
-    assert result["rank_all"]["image"]["candidates"] == n_test
-    assert 0 <= result["generation"]["rouge_l"] <= 1
-    assert result["efficiency"]["predicted_ratio"] < 1
-    assert (out / "eval" / "letters.png").is_file()
-    assert "MCQ" in capsys.readouterr().out
-
-
-def test_rows_put_in_by_hand_equal_the_image_path(tiny_run):
-    """The slot-MCQ diagnostic's path (rows handed to the model) gives the image path's logits for the projected
-    rows, so the diagnostic differs from MCQ only in what the rows hold."""
-    from pg_train.evaluate import EvalConfig, Evaluator
-    from pg_train.probe import load_prompt_model
-
-    out, _ = tiny_run
-    pm = load_prompt_model(out)
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
-    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
-               for t in ("mcq", "what")}
-    ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
-                   out.parent / "features")
-    exs = ev._prompts(records["mcq"][:5], "image")
-    with torch.no_grad():
-        rows = ev.model.project(ev.features[[e.image for e in exs], 0])
-    assert torch.allclose(ev.last_logits(exs, rows), ev.last_logits(exs), atol=1e-5)
-    assert (ev.last_logits(exs, rows.roll(1, 0)) - ev.last_logits(exs)).abs().max() > 1e-5  # the rows are read
-
-
-def test_lora_stage_two_saves_a_plain_merged_model(tiny_models, tiny_pairs, tmp_path):
-    from pg_train.vlm import load_vlm
-
-    out = tmp_path / "lora"
-    train(_cfg(tiny_models, tiny_pairs, out, lora=True, lora_r=4, lora_alpha=8, stage0_steps=0, stage1_steps=1,
-               stage2_steps=2))
-    vlm = load_vlm(out / "model")
-    assert not any("lora" in n for n, _ in vlm.model.named_parameters())
-
-
-def test_pg_train_bad_input_is_one_line_exit_2(tiny_models, tiny_pairs, tmp_path, capsys):
-    from pg_train.cli import train_cli
-
-    common = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]), "--quiet"]
-    assert train_cli(["--layer", "-1", "--out", str(tmp_path / "a"), *common]) == 2
-    assert train_cli(["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "b"), *common]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("pg-train: error:") for line in err)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
-
-
 def test_aux_loss_counts_each_image_once():
     from types import SimpleNamespace
 
-    from pg_train.trainer import _aux_loss, info_nce
+    from pg_train.trainer import aux_loss, info_nce
 
     torch.manual_seed(0)
     mean = torch.randn(8)
@@ -275,18 +148,18 @@ def test_aux_loss_counts_each_image_once():
     cfg = TrainConfig(tau=0.1)
     exs = [SimpleNamespace(image=i) for i in (0, 1, -1, 0, 2)]  # a text-only example and a repeated picture
     feats = torch.randn(4, 2, 8)  # one block of rows per example with an image, in batch order
-    got = _aux_loss(cfg, prepared, model, exs, feats, torch.device("cpu"))
+    got = aux_loss(cfg, prepared, model, exs, feats, torch.device("cpu"))
     # match_mean (the default): the pooled rows are centred by the LM's mean token state, like the targets
     want = info_nce(feats[[0, 1, 3]].mean(1) - mean, prepared.caption_targets[[0, 1, 2]], 0.1)
     assert torch.allclose(got, want)
-    got = _aux_loss(TrainConfig(tau=0.1, match_mean=False), prepared, model, exs, feats, torch.device("cpu"))
+    got = aux_loss(TrainConfig(tau=0.1, match_mean=False), prepared, model, exs, feats, torch.device("cpu"))
     assert torch.allclose(got, info_nce(feats[[0, 1, 3]].mean(1), prepared.caption_targets[[0, 1, 2]], 0.1))
     same = [SimpleNamespace(image=1), SimpleNamespace(image=1)]
-    assert float(_aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
+    assert float(aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
 
 
 def test_stage1_runs_by_default_only_with_stage1_data():
-    assert TrainConfig().stage1_steps == 0  # built data: stage 1 would undo the warm-up (README, run h2)
+    assert TrainConfig().stage1_steps == 0  # built data: stage 1 would undo the warm-up (docs/recipe.md)
     assert TrainConfig(data="llava", stage1_data="s1.json").stage1_steps == 100
     assert TrainConfig(data="llava", stage1_data="s1.json", stage1_steps=0).stage1_steps == 0
     with pytest.raises(InputError, match="stage1_steps"):
@@ -295,14 +168,14 @@ def test_stage1_runs_by_default_only_with_stage1_data():
 
 @pytest.mark.parametrize("match_mean", [False, True])
 def test_scale_matching_gives_the_rows_the_lm_statistics(tiny_models, match_mean):
-    from pg_train.trainer import _match_scale, caption_targets
+    from pg_train.trainer import match_scale, caption_targets
     from pg_train.vlm import build_vlm
 
     vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=2, vision_pool=2)
     states = caption_targets(vlm, ["a red ball", "two small cats", "the moon"], 2, prefix=[1, 5, 6])
     assert states.means.shape == (3, vlm.model.config.text_config.hidden_size)
     features = torch.randn(5, 4, 32)
-    _match_scale(vlm.model, features, states, match_mean)
+    match_scale(vlm.model, features, states, match_mean)
     with torch.no_grad():
         rows = vlm.model.project(features).flatten(0, 1)
     if match_mean:
@@ -327,12 +200,3 @@ def test_text_twin_distillation_parts():
     assert distill_layer_indices(0, 30, 4) == [7, 14, 21, 29]
     assert distill_layer_indices(4, 30, 2) == [16, 29] and distill_layer_indices(28, 30, 4) == [28, 29]
     assert distill_layer_indices(30, 30, 4) == []
-
-
-def test_distillation_run_logs_its_term_on_image_steps_only(tiny_models, tiny_pairs, tmp_path):
-    out = tmp_path / "distill"
-    train(_cfg(tiny_models, tiny_pairs, out, stage1_steps=0, stage2_steps=4, text_first_steps=2,
-               distill_weight=1.0, distill_layers=2))
-    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"stage": 2' in line]
-    assert [("distill" in r) for r in recs] == [False, False, True, True]  # text-first steps have no twin
-    assert all(r["distill"] > 0 for r in recs[2:])
