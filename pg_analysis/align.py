@@ -4,12 +4,19 @@
 >>> result = run_align(cfg)                      # doctest: +SKIP
 >>> save_align_result(result, Path("runs/align"))  # doctest: +SKIP
 
+Degenerate layers (:func:`pg_analysis.metrics.degenerate_reason`: constant rows, or kNN sets decided by
+tie-breaking) are not scored: their cells are NaN (``null`` in JSON), left out of the best cell, the profiles and
+the null, and named in ``alignment.json``. p-values are permutation p-values ``(1 + #{null ≥ observed}) / (P + 1)``;
+where no null grid reaches the observed value that is an upper bound, ``p ≤ 1/(P + 1)``, and is marked as one.
+
 Output folder (written under a temp name, renamed when complete):
 
 - ``grid.npy`` — ``[Lv, Ll]`` float32, rows = vision layers, columns = LM layers, index 0 = embeddings output;
 - ``null.npy`` — ``[P, Lv, Ll]`` grids under P random re-pairings (absent when ``null=0``);
-- ``alignment.json`` — best cell, per-LM-layer profile, null mean/std, z-scores and p-values per cell;
-- ``heatmap.png`` — the grid in the paper's orientation (LM layers vertical) and the z-score panel;
+- ``alignment.json`` — best cell, per-LM-layer profile, null mean/std, z-scores and p-values per cell, the
+  degenerate layers (which, and why) and the duplicate captions and images among the pairs;
+- ``heatmap.png`` — the grid in the paper's orientation (LM layers vertical) and the z-score panel, degenerate
+  layers and undefined z hatched;
 - ``run.json`` — every option, runtime, package versions, git commit, feature-cache files.
 """
 
@@ -19,6 +26,7 @@ import dataclasses
 import io
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .metrics import get_metric, grid_from_states, prepare_layers
+from .metrics import degenerate_reason, get_metric, grid_from_states, prepare_layers
 from .preprocess import preprocess_features
 from .registry import DEFAULT_LM, DEFAULT_VISION
 from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json
@@ -59,6 +67,7 @@ class AlignConfig:
     device: str | None = None
     dtype: str | None = "float32"
     cache_dir: str | None = None
+    dedupe: bool = False  # keep one pair of each identical caption / identical image (off: as Huh et al. score)
 
     def __post_init__(self) -> None:
         from .features import TEXT_POOLING, VISION_POOLING
@@ -106,6 +115,11 @@ class AlignResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def degenerate(self) -> dict[str, dict[str, str]]:
+        """``{"vision": {layer: reason}, "llm": {layer: reason}}`` for the layers left unscored."""
+        return self.info.get("degenerate", {"vision": {}, "llm": {}})
+
+    @property
     def best(self) -> dict[str, Any]:
         i, j = np.unravel_index(int(np.nanargmax(self.grid)), self.grid.shape)
         return {"vision_layer": int(i), "llm_layer": int(j), "score": float(self.grid[i, j])}
@@ -113,30 +127,58 @@ class AlignResult:
     def null_stats(self) -> dict[str, Any] | None:
         if self.null is None or len(self.null) == 0:
             return None
-        mean, std = self.null.mean(0), self.null.std(0, ddof=1) if len(self.null) > 1 else np.zeros_like(self.grid)
+        p_count = len(self.null)
+        mean = self.null.mean(0)
+        std = self.null.std(0, ddof=1) if p_count > 1 else np.zeros_like(self.grid)
+        scored = np.isfinite(self.grid)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(std > 0, (self.grid - mean) / std, np.nan)
-        p = (1 + (self.null >= self.grid[None]).sum(0)) / (len(self.null) + 1)
-        return {"permutations": int(len(self.null)), "mean": float(self.null.mean()), "std": float(self.null.std()),
-                "cell_mean": mean, "cell_std": std, "z": z, "p": p}
+            z = np.where(scored & (std > 0), (self.grid - mean) / std, np.nan)
+        reached = (self.null >= self.grid[None]).sum(0)
+        p = np.where(scored, (1 + reached) / (p_count + 1), np.nan)
+        return {"permutations": p_count, "mean": float(np.nanmean(self.null)), "std": float(np.nanstd(self.null)),
+                "cell_mean": mean, "cell_std": std, "z": z, "p": p, "p_is_bound": scored & (reached == 0)}
 
     def summary(self) -> dict[str, Any]:
         best = self.best
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: a degenerate layer's profile entry
+            llm_profile, vision_profile = np.nanmax(self.grid, 0), np.nanmax(self.grid, 1)
         out: dict[str, Any] = {
             "vision": self.vision_label, "llm": self.llm_label, "metric": self.config.metric, "k": self.config.k,
             "n_samples": self.n_samples, "shape": list(self.grid.shape),
             "axes": {"rows": "vision layer (0 = embeddings)", "cols": "LM layer (0 = embeddings)"},
             "best": best, "chance_mutual_knn": self.config.k / (self.n_samples - 1),
-            "llm_layer_profile": self.grid.max(0).tolist(), "vision_layer_profile": self.grid.max(1).tolist(),
-            "grid": self.grid.tolist(),
+            "llm_layer_profile": _json_floats(llm_profile), "vision_layer_profile": _json_floats(vision_profile),
+            "grid": _json_floats(self.grid), "degenerate": self.degenerate,
+            "duplicates": self.info.get("duplicates"),
         }
         stats = self.null_stats()
         if stats is not None:
             i, j = best["vision_layer"], best["llm_layer"]
+            bound = bool(stats["p_is_bound"][i, j])
             out["null"] = {"permutations": stats["permutations"], "mean": stats["mean"], "std": stats["std"],
-                           "best_cell_z": float(stats["z"][i, j]), "best_cell_p": float(stats["p"][i, j]),
-                           "z": stats["z"].tolist(), "p": stats["p"].tolist()}
+                           "best_cell_z": _json_float(stats["z"][i, j]), "best_cell_p": float(stats["p"][i, j]),
+                           "best_cell_p_is_bound": bound,
+                           "best_cell_p_text": p_text(float(stats["p"][i, j]), bound, stats["permutations"]),
+                           "z": _json_floats(stats["z"]), "p": _json_floats(stats["p"]),
+                           "p_is_bound": stats["p_is_bound"].tolist()}
         return out
+
+
+def p_text(p: float, bound: bool, permutations: int) -> str:
+    """``"p = 0.14"``, or ``"p ≤ 0.048"`` when no null grid reached the observed value (``1/(P+1)`` is a bound)."""
+    return f"p ≤ {p:.3g} (none of {permutations} null grids reached it)" if bound else f"p = {p:.3g}"
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _json_floats(a: np.ndarray) -> list:
+    """Nested lists with NaN (undefined: a degenerate layer, a null without spread) as None (JSON null)."""
+    if np.ndim(a) > 1:
+        return [_json_floats(row) for row in a]
+    return [_json_float(v) for v in a]
 
 
 def _feature_fields(cfg: AlignConfig, ids: list[str], captions: list[str], model_ident: dict, side: str,
@@ -176,6 +218,9 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     llm_entry = resolve_model(cfg.llm, "lm")
     runtime = pick_runtime(cfg.device, cfg.dtype)
     ds = data_mod.select(data_mod.load_pairs(cfg.data, cfg.coco_root), cfg.n, cfg.seed)
+    duplicates = data_mod.duplicate_report(ds)
+    if cfg.dedupe:
+        ds, duplicates["dropped_ids"] = data_mod.dedupe(ds)
     if cfg.k >= len(ds):
         raise InputError(f"k must be < number of samples (k={cfg.k}, N={len(ds)})")
     ids, captions = list(ds["id"]), list(ds["caption"])
@@ -195,15 +240,24 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     vf, v_cached = cache.get_or_compute("vision", v_fields, vision)
     tf, t_cached = cache.get_or_compute("text", t_fields, text)
     info = {"runtime": runtime.to_dict(), "sample_ids": ids, "vision_label": vision_entry.display,
+            "duplicates": duplicates,
             "llm_label": llm_entry.display,
             "feature_cache": {"vision": str(cache.paths("vision", v_fields)[0]), "vision_hit": v_cached,
                               "text": str(cache.paths("text", t_fields)[0]), "text_hit": t_cached}}
     return vf, tf, info
 
 
+def degenerate_layers(layers: torch.Tensor, k: int | None) -> dict[int, str]:
+    """``{layer: reason}`` for the layers of ``[L, N, D]`` that :func:`~pg_analysis.metrics.degenerate_reason`
+    rejects (``k``: check kNN ties too, for the kNN-based metrics)."""
+    return {i: reason for i, x in enumerate(layers) if (reason := degenerate_reason(x, k)) is not None}
+
+
 def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progress: bool = True
                    ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Preprocess both feature stacks, score the grid, and the null grids under ``cfg.null`` re-pairings."""
+    """Preprocess both feature stacks, score the grid, and the null grids under ``cfg.null`` re-pairings.
+
+    Degenerate layers are not scored: their rows / columns are NaN in the grid and in every null grid."""
     if vf.shape[1] != tf.shape[1]:
         raise InputError(f"vision and text features have different sample counts ({vf.shape[1]} vs {tf.shape[1]})")
     for name, f in (("vision", vf), ("text", tf)):
@@ -212,8 +266,24 @@ def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progres
     xs, tv = preprocess_features(vf, cfg.outlier_q, cfg.normalize)
     ys, tt = preprocess_features(tf, cfg.outlier_q, cfg.normalize)
     kw = cfg.metric_kwargs()
+    tie_k = kw.get("k")
+    bad = {"vision": degenerate_layers(xs, tie_k), "llm": degenerate_layers(ys, tie_k)}
+    keep_x = [i for i in range(xs.shape[0]) if i not in bad["vision"]]
+    keep_y = [j for j in range(ys.shape[0]) if j not in bad["llm"]]
+    for side, key, keep in (("vision", "vision", keep_x), ("LM", "llm", keep_y)):
+        if not keep:
+            raise InputError(f"every {side} layer is degenerate ({next(iter(bad[key].values()))}); "
+                             "nothing can be scored")
+    xs, ys = xs[keep_x], ys[keep_y]
+    cells = np.ix_(keep_x, keep_y)
+
+    def full(sub: torch.Tensor) -> np.ndarray:
+        out = np.full((len(keep_x) + len(bad["vision"]), len(keep_y) + len(bad["llm"])), np.nan, dtype=np.float32)
+        out[cells] = sub.numpy()
+        return out
+
     sx, sy = prepare_layers(xs, cfg.metric, **kw), prepare_layers(ys, cfg.metric, **kw)
-    grid = grid_from_states(sx, sy, cfg.metric, **kw).numpy()
+    grid = full(grid_from_states(sx, sy, cfg.metric, **kw))
     null = None
     if cfg.null > 0:
         # Re-pair by permuting the side with fewer layers; the other side's states are reused.
@@ -227,9 +297,13 @@ def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progres
                 g = grid_from_states(prepare_layers(xs[:, perm], cfg.metric, **kw), sy, cfg.metric, **kw)
             else:
                 g = grid_from_states(sx, prepare_layers(ys[:, perm], cfg.metric, **kw), cfg.metric, **kw)
-            grids.append(g.numpy())
+            grids.append(full(g))
         null = np.stack(grids)
-    return grid, null, {"outlier_threshold": {"vision": tv, "text": tt}}
+    degenerate = {side: {str(i): reason for i, reason in layers.items()} for side, layers in bad.items()}
+    for side, layers in degenerate.items():
+        for i, reason in layers.items():
+            log.warning("%s layer %s is not scored: %s", side, i, reason)
+    return grid, null, {"outlier_threshold": {"vision": tv, "text": tt}, "degenerate": degenerate}
 
 
 def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:

@@ -89,6 +89,9 @@ def align_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="skip the per-layer L2 normalisation")
     p.add_argument("--null", type=int, default=d.null,
                    help="random re-pairings of images and captions for the null (0 disables; default: %(default)s)")
+    p.add_argument("--dedupe", action="store_true",
+                   help="keep one pair of each identical caption and of each identical image (default: off, every "
+                        "pair scored as Huh et al. do; the counts are always reported)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="extraction batch size (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 (default: %(default)s)")
@@ -112,7 +115,7 @@ def _align_main(args: argparse.Namespace) -> int:
                       seed=args.seed, metric=args.metric, k=args.k, vision_pooling=args.vision_pooling,
                       text_pooling=args.text_pooling, outlier_q=args.outlier_q, normalize=not args.no_normalize,
                       null=args.null, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                      cache_dir=args.cache_dir)
+                      cache_dir=args.cache_dir, dedupe=args.dedupe)
     result = run_align(cfg, progress=not args.quiet)
     save_align_result(result, out)
     s = result.summary()
@@ -121,14 +124,22 @@ def _align_main(args: argparse.Namespace) -> int:
           f"(vision × LM layers)")
     line = f"best cell: vision layer {b['vision_layer']} × LM layer {b['llm_layer']} = {b['score']:.4f}"
     if "null" in s:
+        z = s["null"]["best_cell_z"]
         line += (f"; shuffled null {s['null']['mean']:.4f} ± {s['null']['std']:.4f}, "
-                 f"z = {s['null']['best_cell_z']:.1f}")
+                 f"z = {'undefined' if z is None else f'{z:.1f}'}, {s['null']['best_cell_p_text']}")
     print(line)
+    for side, layers in s["degenerate"].items():
+        for layer, reason in layers.items():
+            print(f"not scored: {'vision' if side == 'vision' else 'LM'} layer {layer} — {reason}")
+    dup = s["duplicates"]
+    print(f"duplicates: {dup['captions']['pairs_sharing']} pairs share a caption ({dup['captions']['groups']} groups), "
+          f"{dup['images']['pairs_sharing']} share an image ({dup['images']['groups']} groups)"
+          + (f"; --dedupe left out {len(dup['dropped_ids'])}" if "dropped_ids" in dup else ""))
     hits = result.info["feature_cache"]
     print(f"features: vision {'cached' if hits['vision_hit'] else 'computed'}, "
           f"text {'cached' if hits['text_hit'] else 'computed'}; total {time.perf_counter() - t0:.1f} s")
     print(f"wrote {out}/: heatmap.png grid.npy{' null.npy' if result.null is not None else ''} "
-          f"alignment.json config.json")
+          f"alignment.json run.json")
     return 0
 
 

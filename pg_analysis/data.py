@@ -181,3 +181,62 @@ def open_image(value: Any, ident: str = ""):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# duplicates
+
+
+def image_key(value: Any) -> str:
+    """A content hash of an image: the file's bytes for a path, the pixels (mode, size, bytes) for a PIL image."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(value, (str, Path)):
+        try:
+            h.update(Path(value).read_bytes())
+        except OSError as e:
+            raise InputError(f"image {value}: cannot be read ({e})") from None
+    else:
+        img = open_image(value)
+        h.update(f"{img.mode}{img.size}".encode())
+        h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def duplicate_groups(keys: list[Any]) -> list[list[int]]:
+    """Index groups (in order) of the entries of ``keys`` that occur more than once."""
+    where: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        where.setdefault(key, []).append(i)
+    return [g for g in where.values() if len(g) > 1]
+
+
+def duplicate_report(ds: Any) -> dict[str, Any]:
+    """How many pairs share an identical caption (exact text, surrounding space ignored) or an identical image
+    (content hash), with the groups' ids."""
+    ids = list(ds["id"])
+    out: dict[str, Any] = {}
+    for name, keys in (("captions", [c.strip() for c in ds["caption"]]),
+                       ("images", [image_key(v) for v in ds["image"]])):
+        groups = duplicate_groups(keys)
+        out[name] = {"pairs_sharing": sum(map(len, groups)), "groups": len(groups),
+                     "group_ids": [[ids[i] for i in g] for g in groups]}
+    return out
+
+
+def dedupe(ds: Any) -> tuple[Any, list[str]]:
+    """Keep the first pair (in the selection's id order) of each identical caption and of each identical image;
+    returns the kept pairs and the ids left out."""
+    seen_captions: set[str] = set()
+    seen_images: set[str] = set()
+    keep, dropped = [], []
+    for i, (pid, caption, image) in enumerate(zip(ds["id"], ds["caption"], ds["image"])):
+        c, m = caption.strip(), image_key(image)
+        if c in seen_captions or m in seen_images:
+            dropped.append(pid)
+            continue
+        seen_captions.add(c)
+        seen_images.add(m)
+        keep.append(i)
+    return ds.select(keep), dropped

@@ -34,34 +34,58 @@ def _ticks(n: int, max_labels: int = 17) -> list[int]:
 def alignment_heatmap(summary: dict[str, Any], path: Path) -> None:
     """Paper orientation (Fig. 2): LM layers vertical (0 at the bottom), vision layers horizontal.
 
-    With a null, a second panel shows the per-cell z-score against the shuffled-pairs null.
+    With a null, a second panel shows the per-cell z-score against the shuffled-pairs null. No cell is left
+    blank: degenerate layers (not scored) are hatched grey, and so — with another hatch — are cells whose z is
+    undefined (a null without spread); a legend says which is which.
     """
     import seaborn as sns
+    from matplotlib.patches import Patch
 
     plt = _pyplot()
-    grid = np.asarray(summary["grid"], dtype=float)  # [Lv, Ll]
+    grid = np.array(summary["grid"], dtype=float)  # [Lv, Ll]; None (undefined) → NaN
     null = summary.get("null")
     panels = [("alignment", grid, "viridis", summary["metric"])]
     if null is not None:
-        panels.append(("z", np.asarray(null["z"], dtype=float), "magma", "z-score vs shuffled pairs"))
+        panels.append(("z", np.array(null["z"], dtype=float), "magma", "z-score vs shuffled pairs"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False)
     best = summary["best"]
+    degenerate = summary.get("degenerate") or {"vision": {}, "llm": {}}
+    bad_v = {int(i) for i in degenerate.get("vision", {})}
+    bad_l = {int(j) for j in degenerate.get("llm", {})}
+    styles = {"degenerate": dict(facecolor="0.85", edgecolor="0.45", hatch="///", lw=0),
+              "undefined": dict(facecolor="0.93", edgecolor="0.55", hatch="..", lw=0)}
     for ax, (kind, values, cmap, label) in zip(axes[0], panels):
         sns.heatmap(values.T, ax=ax, cmap=cmap, cbar_kws={"label": label}, square=False)
         ax.invert_yaxis()
         lv, ll = values.shape
+        used = set()
+        for i in range(lv):
+            for j in range(ll):
+                if np.isfinite(values[i, j]):
+                    continue
+                why = "degenerate" if i in bad_v or j in bad_l else "undefined"
+                used.add(why)
+                ax.add_patch(plt.Rectangle((i, j), 1, 1, **styles[why]))
         ax.set_xticks([i + 0.5 for i in _ticks(lv)], [str(i) for i in _ticks(lv)], rotation=0)
         ax.set_yticks([j + 0.5 for j in _ticks(ll)], [str(j) for j in _ticks(ll)], rotation=0)
         ax.set_xlabel(f"{summary['vision']} layer (0 = embeddings)")
         ax.set_ylabel(f"{summary['llm']} layer (0 = embeddings)")
         ax.add_patch(plt.Rectangle((best["vision_layer"], best["llm_layer"]), 1, 1, fill=False, ec="red", lw=1.5))
+        if used:
+            names = {"degenerate": "degenerate layer, not scored (alignment.json)",
+                     "undefined": "z undefined: the null has no spread"}
+            ax.legend(handles=[Patch(**styles[w], label=names[w]) for w in sorted(used)], fontsize=7,
+                      loc="upper left", bbox_to_anchor=(0, -0.1), frameon=False)
         if kind == "alignment":
             title = f"{summary['metric']} (k={summary['k']}, N={summary['n_samples']}), best {best['score']:.3f}"
             if null is not None:
                 title += f"\nshuffled null {null['mean']:.3f} ± {null['std']:.3f} ({null['permutations']} perms)"
             ax.set_title(title, fontsize=9)
         else:
-            ax.set_title(f"z at best cell: {null['best_cell_z']:.1f}, p = {null['best_cell_p']:.3g}", fontsize=9)
+            z = null["best_cell_z"]
+            z_text = "undefined" if z is None else f"{z:.1f}"
+            p_line = null.get("best_cell_p_text") or f"p = {null['best_cell_p']:.3g}"  # results saved before
+            ax.set_title(f"z at best cell: {z_text}\n{p_line}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -65,11 +65,14 @@ def attention_lost(profile: Any, skip_layers: int = 2) -> np.ndarray:
 
 
 def alignment_deficit(profile: Any) -> np.ndarray:
-    """``[N+1]``: ``max(0, a(0) − a(L)) / (max a − min a)`` of the per-LM-layer alignment profile ``a``."""
-    a = np.asarray(profile, dtype=float)
-    span = float(a.max() - a.min())
+    """``[N+1]``: ``max(0, a(0) − a(L)) / (max a − min a)`` of the per-LM-layer alignment profile ``a``; NaN
+    where ``a(L)`` is undefined (``None``: a layer pg-align could not score)."""
+    a = np.array([np.nan if v is None else v for v in profile], dtype=float)
+    if not np.isfinite(a).any():
+        return a
+    span = float(np.nanmax(a) - np.nanmin(a))
     if span <= 0:
-        return np.zeros_like(a)
+        return np.where(np.isfinite(a), 0.0, np.nan)
     return np.clip(a[0] - a, 0, None) / span
 
 
@@ -136,7 +139,7 @@ def recommend(saving: dict[int, float], attention_profile: Any = None, alignment
             row.update({k: float(v) for k, v in probe[layer].items()})
         if deficit is not None:
             row["alignment_deficit"] = float(deficit[layer])
-        gating = [row[k] for k in risks if k in row]
+        gating = [row[k] for k in risks if k in row and np.isfinite(row[k])]  # undefined risks do not gate
         row["admissible"] = all(r <= tolerance + 1e-12 for r in gating)
         admissible_prefix = admissible_prefix and row["admissible"]
         if admissible_prefix:

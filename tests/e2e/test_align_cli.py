@@ -31,7 +31,11 @@ def test_pg_align_tiny_end_to_end(tiny_models, tiny_pairs, tmp_path, capsys):
     assert np.load(out / "null.npy").shape == (3, 3, 4)
     summary = json.loads((out / "alignment.json").read_text())
     best = summary["best"]
-    assert grid[best["vision_layer"], best["llm_layer"]] == pytest.approx(grid.max())
+    assert grid[best["vision_layer"], best["llm_layer"]] == pytest.approx(np.nanmax(grid))
+    # the embeddings output's CLS row is one vector for every image: not scored, named, hatched
+    assert np.isnan(grid[0]).all() and np.isfinite(grid[1:]).all()
+    assert summary["degenerate"]["vision"]["0"].startswith("constant rows") and best["vision_layer"] != 0
+    assert "not scored: vision layer 0" in text and "duplicates:" in text
     cfg = json.loads((out / "run.json").read_text())
     assert cfg["config"]["k"] == 3 and "torch" in cfg["versions"] and "git_commit" in cfg
     assert (out / "heatmap.png").stat().st_size > 1000
