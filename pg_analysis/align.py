@@ -302,7 +302,7 @@ def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progres
     degenerate = {side: {str(i): reason for i, reason in layers.items()} for side, layers in bad.items()}
     for side, layers in degenerate.items():
         for i, reason in layers.items():
-            log.warning("%s layer %s is not scored: %s", side, i, reason)
+            log.info("%s layer %s is not scored: %s", side, i, reason)
     return grid, null, {"outlier_threshold": {"vision": tv, "text": tt}, "degenerate": degenerate}
 
 
