@@ -101,8 +101,11 @@ def _attention_modules(model: Any) -> list[Any]:
 
 @contextmanager
 def eager_full_sequence(model: Any) -> Iterator[None]:
-    """Eager attention (weights returned) and the "mask" grounding mode for the duration of the block."""
-    impl = model.config.text_config._attn_implementation
+    """Eager attention (weights returned) and the "mask" grounding mode for the duration of the block.
+
+    Afterwards the kernel goes back to ``model.attention_kernel`` (recorded by whoever chose it, e.g.
+    ``pg_train.vlm.use_attention``; transformers exposes no public getter), else to sdpa."""
+    impl = getattr(model, "attention_kernel", None)
     mode = model.config.grounding_mode
     model.set_attn_implementation("eager")
     model.config.grounding_mode = "mask"

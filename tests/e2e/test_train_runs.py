@@ -71,6 +71,20 @@ def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
         train(_cfg(tiny_models, tiny_pairs, tmp_path / "deep", layer=9))
 
 
+def _evaluator(out: Path):
+    """The saved run's model with its prompt format, its test records and an fp32 evaluator over them."""
+    from pg_train.evaluate import EvalConfig, Evaluator
+    from pg_train.probe import load_prompt_model
+
+    pm = load_prompt_model(out)
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
+               for t in ("mcq", "what")}
+    ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
+                   out.parent / "features")
+    return pm, records, ev
+
+
 def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
     from pg_train.cli import eval_cli
 
@@ -97,15 +111,8 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
     # the MCQ numbers, recomputed one question at a time (no batching, no padding) from the saved model
     from pg_train.conversations import letter_token_ids
     from pg_train.datasets import collate
-    from pg_train.evaluate import EvalConfig, Evaluator
-    from pg_train.probe import load_prompt_model
 
-    pm = load_prompt_model(out)
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
-    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
-               for t in ("mcq", "what")}
-    ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
-                   out.parent / "features")
+    pm, records, ev = _evaluator(out)
     letters = letter_token_ids(pm.vlm.tokenizer, pm.template)
     predicted = []
     for ex in ev.prompts(records["mcq"], "image"):
@@ -121,16 +128,8 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
 def test_rows_put_in_by_hand_equal_the_image_path(tiny_run):
     """The slot-MCQ diagnostic's path (rows handed to the model) gives the image path's logits for the projected
     rows, so the diagnostic differs from MCQ only in what the rows hold."""
-    from pg_train.evaluate import EvalConfig, Evaluator
-    from pg_train.probe import load_prompt_model
-
     out, _ = tiny_run
-    pm = load_prompt_model(out)
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
-    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
-               for t in ("mcq", "what")}
-    ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
-                   out.parent / "features")
+    pm, records, ev = _evaluator(out)
     exs = ev.prompts(records["mcq"][:5], "image")
     with torch.no_grad():
         rows = ev.model.project(ev.features[[e.image for e in exs], 0])
