@@ -41,9 +41,14 @@ def test_tuxpaint_pairs(ready):
     assert not set(cartoon["id"]) & set(ds["id"])
 
 
-def test_real_pair_beats_shuffled_null(ready, tmp_path):
-    cfg = AlignConfig(n=160, k=10, null=10, cache_dir=str(tmp_path / "cache"))
-    result = run_align(cfg, progress=False)
+@pytest.fixture(scope="module")
+def real_cfg(ready, tmp_path_factory):
+    """160 real pairs, features extracted once into a module cache (later runs hit it)."""
+    return AlignConfig(n=160, k=10, null=10, cache_dir=str(tmp_path_factory.mktemp("features")))
+
+
+def test_real_pair_beats_shuffled_null(real_cfg, tmp_path):
+    result = run_align(real_cfg, progress=False)
     assert result.grid.shape == (13, 31)  # DINOv2-S emb + 12 blocks × SmolLM2 emb + 30 blocks
     assert result.best["score"] > np.nanmax(result.null)
     save_align_result(result, tmp_path / "out")
@@ -53,6 +58,28 @@ def test_real_pair_beats_shuffled_null(ready, tmp_path):
     grid = np.load(tmp_path / "out" / "grid.npy")
     assert list(summary["degenerate"]["vision"]) == ["0"] and summary["degenerate"]["llm"] == {}
     assert np.isnan(grid[0]).all() and np.isfinite(grid[1:]).all()
+
+
+def test_cka_family_on_real_features_within_1e6_of_float64(real_cfg):
+    import torch
+
+    from pg_analysis import metrics as M
+    from pg_analysis.align import compute_features
+    from pg_analysis.preprocess import preprocess_features
+
+    vf, tf, _ = compute_features(real_cfg, progress=False)
+    xs, _ = preprocess_features(vf, real_cfg.outlier_q, real_cfg.normalize)
+    ys, _ = preprocess_features(tf, real_cfg.outlier_q, real_cfg.normalize)
+    for i, j in [(1, 0), (10, 10), (12, 15), (6, 30)]:  # SmolLM2 layer 15: mean cosine between captions ≈ 0.94
+        a, b = xs[i].double(), ys[j].double()
+        ac, bc = a - a.mean(0), b - b.mean(0)
+        kc, lc = ac @ ac.T, bc @ bc.T
+        k, l = a @ a.T, b @ b.T
+        h = M.hsic_unbiased
+        want = {"cka": float((kc * lc).sum() / (kc.norm() * lc.norm())),
+                "unbiased_cka": float(h(k, l) / torch.sqrt(h(k, k) * h(l, l)))}
+        for name, value in want.items():
+            assert abs(float(M.alignment_grid([xs[i]], [ys[j]], metric=name)[0, 0]) - value) <= 1e-6, (name, i, j)
 
 
 def test_smollm2_generates(ready):
