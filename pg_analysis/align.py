@@ -218,15 +218,20 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     llm_entry = resolve_model(cfg.llm, "lm")
     runtime = pick_runtime(cfg.device, cfg.dtype)
     ds = data_mod.select(data_mod.load_pairs(cfg.data, cfg.coco_root), cfg.n, cfg.seed)
-    duplicates = data_mod.duplicate_report(ds)
+    image_keys = [data_mod.image_key(v) for v in ds["image"]]
+    duplicates = data_mod.duplicate_report(ds, image_keys)
     if cfg.dedupe:
-        ds, duplicates["dropped_ids"] = data_mod.dedupe(ds)
+        before = list(ds["id"])
+        ds, duplicates["dropped_ids"] = data_mod.dedupe(ds, image_keys)
+        dropped = set(duplicates["dropped_ids"])
+        image_keys = [key for key, pid in zip(image_keys, before) if pid not in dropped]
     if cfg.k >= len(ds):
         raise InputError(f"k must be < number of samples (k={cfg.k}, N={len(ds)})")
     ids, captions = list(ds["id"]), list(ds["caption"])
     cache = FeatureCache(feature_cache_dir(cfg.cache_dir))
 
     v_fields = _feature_fields(cfg, ids, captions, model_identity(vision_entry), "vision", runtime)
+    v_fields["images"] = hashlib_of(image_keys)  # the pictures' content: a file replaced in place is re-encoded
     t_fields = _feature_fields(cfg, ids, captions, model_identity(llm_entry), "text", runtime)
 
     def vision() -> torch.Tensor:

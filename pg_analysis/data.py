@@ -212,27 +212,28 @@ def duplicate_groups(keys: list[Any]) -> list[list[int]]:
     return [g for g in where.values() if len(g) > 1]
 
 
-def duplicate_report(ds: Any) -> dict[str, Any]:
+def duplicate_report(ds: Any, image_keys: list[str] | None = None) -> dict[str, Any]:
     """How many pairs share an identical caption (exact text, surrounding space ignored) or an identical image
-    (content hash), with the groups' ids."""
+    (content hash, :func:`image_key`; pass them if already computed), with the groups' ids."""
     ids = list(ds["id"])
     out: dict[str, Any] = {}
     for name, keys in (("captions", [c.strip() for c in ds["caption"]]),
-                       ("images", [image_key(v) for v in ds["image"]])):
+                       ("images", image_keys or [image_key(v) for v in ds["image"]])):
         groups = duplicate_groups(keys)
         out[name] = {"pairs_sharing": sum(map(len, groups)), "groups": len(groups),
                      "group_ids": [[ids[i] for i in g] for g in groups]}
     return out
 
 
-def dedupe(ds: Any) -> tuple[Any, list[str]]:
+def dedupe(ds: Any, image_keys: list[str] | None = None) -> tuple[Any, list[str]]:
     """Keep the first pair (in the selection's id order) of each identical caption and of each identical image;
     returns the kept pairs and the ids left out."""
     seen_captions: set[str] = set()
     seen_images: set[str] = set()
     keep, dropped = [], []
-    for i, (pid, caption, image) in enumerate(zip(ds["id"], ds["caption"], ds["image"])):
-        c, m = caption.strip(), image_key(image)
+    keys = image_keys or [image_key(v) for v in ds["image"]]
+    for i, (pid, caption, m) in enumerate(zip(ds["id"], ds["caption"], keys)):
+        c = caption.strip()
         if c in seen_captions or m in seen_images:
             dropped.append(pid)
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -135,22 +136,37 @@ class FeatureCache:
                 or list(feats.shape) != meta.get("shape") or not torch.isfinite(feats).all():
             log.warning("feature cache %s does not match its metadata; recomputing", data_path.name)
             return None
+        if meta.get("sha256") != hashlib.sha256(data_path.read_bytes()).hexdigest():
+            log.warning("feature cache %s fails its checksum (changed on disk); recomputing", data_path.name)
+            return None
         return feats
 
     def save(self, name: str, fields: dict[str, Any], feats: torch.Tensor) -> Path:
         from safetensors.torch import save
 
         data_path, meta_path = self.paths(name, fields)
-        atomic_write_bytes(data_path, save({"features": feats.contiguous()}))
+        blob = save({"features": feats.contiguous()})
+        atomic_write_bytes(data_path, blob)
         atomic_write_json(meta_path, {"fields": json.loads(json.dumps(fields, sort_keys=True, default=str)),
-                                      "shape": list(feats.shape)})
+                                      "shape": list(feats.shape), "sha256": hashlib.sha256(blob).hexdigest()})
         return data_path
+
+    def check_writable(self) -> None:
+        """One clear :class:`InputError` now, before features are computed, if the cache cannot be written."""
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(f"feature cache {self.root}: {probe} is a file, not a folder (--cache-dir)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise InputError(f"feature cache {self.root} is not writable (check {probe}, or pass --cache-dir)")
 
     def get_or_compute(self, name: str, fields: dict[str, Any], compute) -> tuple[torch.Tensor, bool]:
         """Return ``(features, from_cache)``."""
         feats = self.load(name, fields)
         if feats is not None:
             return feats, True
+        self.check_writable()
         feats = compute()
         if not torch.isfinite(feats).all():
             raise InputError(f"{name}: extracted features contain NaN/inf (check the model and dtype)")

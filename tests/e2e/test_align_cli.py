@@ -134,3 +134,24 @@ def test_console_script_exit_code(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_images_replaced_in_place_are_encoded_again(tiny_models, tiny_pairs, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "pairs"
+    shutil.copytree(tiny_pairs.parent, data)
+    pairs, cache = data / tiny_pairs.name, tmp_path / "cache"
+    assert align(_args(tiny_models, pairs, tmp_path / "a", "--cache-dir", str(cache))) == 0
+    capsys.readouterr()
+    Image.new("RGB", (10, 12), (1, 2, 3)).save(data / "img05.png")  # same path, other picture
+    assert align(_args(tiny_models, pairs, tmp_path / "b", "--cache-dir", str(cache))) == 0
+    assert "vision computed, text cached" in capsys.readouterr().out
+
+
+def test_cache_folder_that_is_a_file_is_one_line(tiny_models, tiny_pairs, tmp_path, capsys):
+    (tmp_path / "cache").write_text("x")
+    _expect_exit2(_args(tiny_models, tiny_pairs, tmp_path / "out", "--cache-dir", str(tmp_path / "cache")), capsys,
+                  tmp_path / "out", "is a file, not a folder")

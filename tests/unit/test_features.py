@@ -95,7 +95,20 @@ def test_cache_roundtrip_and_corruption(tmp_path):
     meta_path.write_text(json.dumps(meta))
     _, hit = cache.get_or_compute("text", fields, compute)
     assert not hit and len(calls) == 4
+    raw = bytearray(data_path.read_bytes())  # same size, same shape, one value changed: only a checksum sees it
+    raw[-4:] = torch.tensor([99.0]).numpy().tobytes()
+    data_path.write_bytes(bytes(raw))
+    d, hit = cache.get_or_compute("text", fields, compute)
+    assert not hit and len(calls) == 5 and torch.equal(a, d)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_folder_that_cannot_be_written_is_refused_before_computing(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    calls = []
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        FeatureCache(tmp_path / "file" / "features").get_or_compute("x", {}, lambda: calls.append(1))
+    assert not calls
 
 
 def test_cache_rejects_nan_features(tmp_path):
