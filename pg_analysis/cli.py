@@ -62,11 +62,14 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
 
 
 def int_list(value: str) -> list[int]:
-    """argparse type: ``"0,2,4"`` → ``[0, 2, 4]``."""
+    """argparse type: ``"0,2,4"`` → ``[0, 2, 4]`` (at least one)."""
     try:
-        return [int(x) for x in value.split(",") if x.strip()]
+        values = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}")
+    return values
 
 
 def quiet_hf() -> None:

@@ -174,6 +174,8 @@ def open_image(value: Any, ident: str = ""):
         else:
             img = Image.open(str(value))
         img.load()
+    except Image.DecompressionBombError as e:  # a huge picture: refuse rather than exhaust memory
+        raise InputError(f"image {ident or value!s} is too large to decode safely: {e}") from None
     except (OSError, UnidentifiedImageError, KeyError, TypeError) as e:
         raise InputError(f"unreadable or corrupt image {ident or value!s}: {e}") from None
     if img.mode in ("RGBA", "LA", "P"):

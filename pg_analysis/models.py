@@ -106,7 +106,7 @@ def resolve_source(entry: ModelEntry) -> tuple[str, dict[str, Any]]:
         raise ModelUnavailable(
             f"model {entry.alias!r} ({entry.hub_id}) is not in the local HF cache and the hub is unreachable: "
             f"download it where there is network (`hf download {entry.hub_id}`) and copy the cache "
-            f"(HF_HOME), or pass a local folder instead of {entry.alias!r}")
+            f"(HF_HOME), or pass a local folder instead of {entry.alias!r} (no local folder of that name exists)")
     return entry.hub_id, kw
 
 

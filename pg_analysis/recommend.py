@@ -176,7 +176,10 @@ def load_recommendation(out_dir: Path) -> dict[str, Any]:
     """A saved ``recommend.json`` (``pg-recommend``'s result); one clear error when it is missing or incomplete."""
     from .runs import RECOMMEND_RESULT, read_result_json
 
-    rec = read_result_json(out_dir, RECOMMEND_RESULT, "pg-recommend")
+    rec = read_result_json(out_dir, RECOMMEND_RESULT, "pg-recommend", keys=("recommended_layer", "rule"))
+    rule = rec["rule"]
+    if not isinstance(rule, dict) or not {"tolerance", "risks_used"} <= set(rule):
+        raise InputError(f"{out_dir}/recommend.json: its rule lacks tolerance or risks_used")
     if not isinstance(rec.get("recommended_layer"), int):
         raise InputError(f"{out_dir}/recommend.json: no recommended_layer")
     return rec

@@ -140,10 +140,15 @@ def resolve_model(name: str, kind: str) -> ModelEntry:
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"{cfg}: unreadable config ({e})") from None
         return ModelEntry(str(p), kind, family_of_model_type(model_type, str(p)), path=str(p.resolve()))
+    if p.exists():
+        raise InputError(f"{p} is a file, not a model folder")
     repo, _, rev = name.partition("@")
     parts = repo.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")):
+    first = Path(parts[0]).expanduser()
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not first.is_dir():
         return ModelEntry(name, kind, None, hub_id=repo, revision=rev or None)
+    if first.is_dir() or name.startswith((".", "/", "~")) or len(parts) > 2:
+        raise InputError(f"no such folder: {name} (a local path, so it is not looked up on the hub)")
     known = ", ".join(a for a, e in MODELS.items() if e.kind == kind)
     raise InputError(f"unknown {kind} model {name!r}: not an alias ({known}), a local folder, or a hub id org/name")
 

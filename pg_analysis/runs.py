@@ -88,12 +88,27 @@ def has_result(folder: str | Path | None, name: str) -> bool:
     return bool(folder) and (Path(folder) / name).is_file()
 
 
-def read_result_json(out_dir: Path, name: str, command: str) -> dict[str, Any]:
-    """``out_dir/name`` of a saved result folder, or one clear :class:`InputError` (missing or not JSON)."""
-    path = Path(out_dir) / name
+def read_json(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object file, or one clear :class:`InputError`: missing, not JSON (a torn write), not an object, or
+    without one of ``keys``. ``what`` names it in the message (``"pg-eval's instruction data manifest"``)."""
+    path = Path(path)
     if not path.is_file():
-        raise InputError(f"{out_dir} holds no {command} result ({name} missing)")
+        raise InputError(f"{what} {path} is missing")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} {path} is not a JSON object")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise InputError(f"{what} {path} lacks {', '.join(missing)}")
+    return data
+
+
+def read_result_json(out_dir: Path, name: str, command: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``out_dir/name`` of a saved result folder, or one clear :class:`InputError` (missing, not JSON, or
+    without one of ``keys``)."""
+    if not (Path(out_dir) / name).is_file():
+        raise InputError(f"{out_dir} holds no {command} result ({name} missing)")
+    return read_json(Path(out_dir) / name, f"the {command} result", keys)

@@ -60,6 +60,8 @@ class BenchConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vision_tokens < 0 or self.decode_tokens < 0:
             raise InputError("vision_tokens and decode_tokens must be >= 0")
+        if self.layers is not None and not self.layers:
+            raise InputError("layers must name at least one insert layer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

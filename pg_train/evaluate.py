@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
-from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_run_record
+from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_json, read_run_record
 
 from .conversations import letter_token_ids
 from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
@@ -381,7 +381,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pm = load_prompt_model(run, runtime=pick_runtime(None, "float32"))
     vlm, template, system = pm.vlm, pm.template, pm.system
     train_cfg = run_cfg.get("config", {})
-    manifest = json.loads((data / DATA_MANIFEST).read_text())
+    manifest = read_json(data / DATA_MANIFEST, "the instruction data manifest", keys=("files",))
+    needed = [f"{cfg.split}_{task}" for task in ("mcq", "what")]
+    if not isinstance(manifest["files"], dict) or set(needed) - set(manifest["files"]):
+        raise InputError(f"the instruction data manifest {data / DATA_MANIFEST} names no {' / '.join(needed)} files")
     root = manifest.get("image_root")
     records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
                for task in ("mcq", "what")}
