@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -153,13 +152,11 @@ class FeatureCache:
 
     def check_writable(self) -> None:
         """One clear :class:`InputError` now, before features are computed, if the cache cannot be written."""
-        probe = self.root
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise InputError(f"feature cache {self.root}: {probe} is a file, not a folder (--cache-dir)")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise InputError(f"feature cache {self.root} is not writable (check {probe}, or pass --cache-dir)")
+        from .runinfo import writable_folder_problem
+
+        problem = writable_folder_problem(self.root)
+        if problem:
+            raise InputError(f"feature cache {self.root}: {problem} (pass --cache-dir)")
 
     def get_or_compute(self, name: str, fields: dict[str, Any], compute) -> tuple[torch.Tensor, bool]:
         """Return ``(features, from_cache)``."""

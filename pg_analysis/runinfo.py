@@ -94,17 +94,30 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
+def writable_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be created under ``folder`` (or the nearest existing ancestor it would be created in), or
+    None. Tries it — a temp folder made and removed — since permission bits say nothing for root, a read-only
+    mount or ``/proc``."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".pg-probe-"))
+    except OSError as e:
+        return f"{probe} cannot be written ({e.strerror or e})"
+    return None
+
+
 def check_writable_parent(out_dir: Path) -> None:
     """Raise :class:`InputError` now (before any compute) if ``out_dir`` cannot be created or written."""
     out_dir = Path(out_dir)
-    parent = out_dir.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"output directory {out_dir} is not writable (check {probe})")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output path {out_dir} exists and is not a directory")
+    problem = writable_folder_problem(out_dir.parent)
+    if problem:
+        raise InputError(f"output directory {out_dir} cannot be created: {problem}")
 
 
 @contextlib.contextmanager

@@ -437,6 +437,9 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
         if cfg.layer > n_lm:
             raise InputError(f"--layer must be in [0, {n_lm}] for this {n_lm}-layer LM, got {cfg.layer}")
         vlm.model.set_insert_layer(cfg.layer)
+    n_layers = vlm.model.config.text_config.num_hidden_layers
+    if cfg.lora and cfg.layer >= n_layers:  # before any data or features are prepared
+        raise InputError(f"--lora adapts the LM layers >= L, and L = {cfg.layer} leaves none of the {n_layers}")
     # data
     data_dir = out_dir / DATA_DIR
     if cfg.data != "llava":
@@ -689,9 +692,6 @@ def _train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None, out_dir: Pat
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     prepared = prepare(cfg, out_dir)
     vlm = prepared.vlm
-    n_layers = vlm.model.config.text_config.num_hidden_layers
-    if cfg.lora and cfg.layer >= n_layers:
-        raise InputError(f"--lora adapts the LM layers >= L, and L = {cfg.layer} leaves none of the {n_layers}")
     model = vlm.model.to(accelerator.device)
     device = accelerator.device
     attention = use_attention(model, cfg.attention)

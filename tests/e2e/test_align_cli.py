@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,14 +106,22 @@ def test_empty_caption_and_corrupt_image(tiny_models, tmp_path, capsys):
 def test_unwritable_output_dir_nonroot(tiny_models, tiny_pairs, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    _expect_exit2(_args(tiny_models, tiny_pairs, ro / "out"), capsys, ro / "out", "not writable")
+    _expect_exit2(_args(tiny_models, tiny_pairs, ro / "out"), capsys, ro / "out", "cannot be written")
 
 
 def test_output_path_is_a_file(tiny_models, tiny_pairs, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert align(_args(tiny_models, tiny_pairs, f / "out")) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc here")
+def test_output_under_proc_is_refused_before_any_work(tiny_models, tiny_pairs, tmp_path, capsys):
+    # root passes every permission check there; only trying to create a folder tells
+    _expect_exit2(_args(tiny_models, tiny_pairs, Path("/proc/pg-align-test"), "--cache-dir", str(tmp_path / "c")),
+                  capsys, Path("/proc/pg-align-test"), "cannot be written")
+    assert not (tmp_path / "c").exists()  # refused before any feature was computed
 
 
 def test_nan_features_rejected():
