@@ -538,13 +538,17 @@ def save_checkpoint(out_dir: Path, vlm: VLM, optimizer: Any, scheduler: Any, cfg
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(vlm, tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "trainer_state.pt")
-    atomic_write_json(tmp / "state.json", {"stage": stage, "next_step": next_step, "config": _training_fields(cfg),
-                                           **extra})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        save_weights(vlm, tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "trainer_state.pt")
+        atomic_write_json(tmp / "state.json", {"stage": stage, "next_step": next_step,
+                                               "config": _training_fields(cfg), **extra})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:  # a kill or a full disk mid-write: no half checkpoint left under any name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in (out_dir / CHECKPOINTS_DIR).glob("stage*-step*"):
         if old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)
@@ -829,9 +833,13 @@ def _train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None, out_dir: Pat
         merge_lora(model)
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    vlm.save(tmp)
-    shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
-    tmp.rename(out_dir / MODEL_DIR)
+    try:
+        vlm.save(tmp)
+        shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
+        tmp.rename(out_dir / MODEL_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     records = [json.loads(line) for line in (out_dir / TRAIN_LOG).read_text().splitlines()]
     summary["throughput"] = _throughput(records)
     loss_curve_figure({f"L={cfg.layer}": records}, out_dir / "loss.png")

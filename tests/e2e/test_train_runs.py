@@ -194,3 +194,22 @@ def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_nothing(tiny_m
     assert not out.exists()
     summary = train(_cfg(tiny_models, tiny_pairs, out, stage1_steps=1, stage2_steps=1))  # the same command runs
     assert (out / "model" / "config.json").is_file() and not summary["stopped_early"]
+
+
+def test_a_kill_while_saving_a_checkpoint_leaves_no_half_checkpoint(tiny_models, tiny_pairs, tmp_path, monkeypatch):
+    import pg_train.trainer as trainer
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_models, tiny_pairs, out, stop_after=2))  # one complete checkpoint
+    complete = latest_checkpoint(out)
+    real_save = trainer.save_weights
+
+    def killed(vlm, folder):
+        real_save(vlm, folder)
+        raise KeyboardInterrupt  # the signal lands after the weights, before the trainer state
+
+    monkeypatch.setattr(trainer, "save_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_models, tiny_pairs, out, resume=True))
+    assert latest_checkpoint(out) == complete
+    assert not list((out / "checkpoints").glob("*.tmp")) and out.is_dir()  # kept: it holds a checkpoint
