@@ -18,7 +18,9 @@ records the source and the conversion check.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import AssetError
 from .runinfo import atomic_write_bytes
@@ -228,7 +230,8 @@ def build_causal_lm_from_gguf(folder: Path, gguf_name: str, out_dir: Path) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    with _quiet_stderr_if_bars_off():  # transformers' GGUF conversion draws a bare tqdm bar of its own
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
     cfg = gguf_model.config.to_dict()
     cfg.pop("quantization_config", None)  # the dequantised weights are plain fp32 and serialisable
     config = type(gguf_model.config).from_dict(cfg)
@@ -340,6 +343,19 @@ def damaged_files(name: str, full: bool = False) -> list[str]:
         now = _file_records(out)
         bad = [rel for rel, rec in files.items() if now.get(rel, {}).get("sha256") != rec["sha256"]]
     return bad
+
+
+@contextlib.contextmanager
+def _quiet_stderr_if_bars_off() -> Iterator[None]:
+    """Send stderr aside while transformers' progress bars are switched off (``--quiet``), for the library code
+    that draws a bar without asking transformers."""
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def ensure_asset(name: str, verify: bool = False) -> Path:
