@@ -18,6 +18,7 @@ class GroundedLlavaConfig(LlavaConfig):
     ``vision_feature_select_strategy`` (``"default"`` drops CLS and register tokens)) plus:
 
     - ``insert_layer`` L: the vision rows are the input of decoder block L (0 = an ordinary LLaVA);
+    - ``exit_layer`` K (``L ≤ K ≤ N``; None = N): from block K on the vision rows are gone again;
     - ``vision_pool``: average-pool the patch grid with this kernel (1 = off);
     - ``projector_type``: ``"mlp"`` (LLaVA's Linear–GELU–Linear) or ``"linear"``;
     - ``grounding_mode``: ``"splice"`` (vision rows absent below L) or ``"mask"`` (present, masked);
@@ -28,6 +29,7 @@ class GroundedLlavaConfig(LlavaConfig):
 
     model_type = "pg_llava"
     insert_layer: int = 0
+    exit_layer: int | None = None
     vision_pool: int = 1
     projector_type: str = "mlp"
     grounding_mode: str = "splice"
@@ -40,6 +42,10 @@ class GroundedLlavaConfig(LlavaConfig):
                 or not 0 <= self.insert_layer <= n:
             raise GroundingError(f"insert_layer must be an integer in [0, {n}] for a {n}-layer LM, "
                                  f"got {self.insert_layer!r}")
+        if self.exit_layer is not None and (isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int)
+                                            or not self.insert_layer <= self.exit_layer <= n):
+            raise GroundingError(f"exit_layer must be None or an integer in [insert_layer, {n}] = "
+                                 f"[{self.insert_layer}, {n}], got {self.exit_layer!r}")
         if self.vision_pool < 1:
             raise GroundingError(f"vision_pool must be >= 1, got {self.vision_pool}")
         if self.projector_type not in PROJECTOR_TYPES:

@@ -8,23 +8,32 @@ the model's own decoder layers, rotary embedding, norm and head — nothing is r
 - layers ``0 … L−1`` run on the text rows only (``mode="splice"``: the vision rows are removed, not masked);
 - at the input of layer ``L`` the vision rows enter with their ``inputs_embeds`` values at their positions, and
   layers ``L … N−1`` run causally on the whole sequence;
-- ``mode="mask"`` is the equivalent "dummy token" variant: every layer sees the whole sequence, text→vision
-  attention is masked out below ``L``, and the vision rows' hidden states are overwritten with ``inputs_embeds`` at
-  the input of layer ``L``. Same logits at text rows; costs the full compute. Useful as a check and for tools that
-  need fixed sequence shapes.
+- ``exit_layer=K`` (``L ≤ K ≤ N``, default N) closes the window at the other end, as VTW withdraws vision tokens:
+  layers ``K … N−1`` run on the text rows only again, so vision rows enter at L and leave after K−1.
 
-KV cache (:class:`GroundedCache`): layers ``< L`` cache the text rows only, layers ``≥ L`` all rows, so the
-per-layer cache lengths differ. The cache remembers each segment's key padding mask and the next position id, so a
+      layer:    0 … L−1   │ L … K−1        │ K … N−1
+      text:     ██████████│████████████████│██████████
+      vision:   (absent)  │████████████████│(absent: left)
+
+- ``mode="mask"`` is the equivalent "dummy token" variant: every layer sees the whole sequence, text→vision
+  attention is masked out outside the window, and the vision rows' hidden states are overwritten with
+  ``inputs_embeds`` at the input of layer ``L`` (and kept at their layer-K state from K on). Same logits at text
+  rows; costs the full compute. Useful as a check and for tools that need fixed sequence shapes.
+
+KV cache (:class:`GroundedCache`): layers outside the window cache the text rows only, layers inside it all rows,
+so the per-layer cache lengths differ. The cache remembers each segment's key padding mask and the next position id, so a
 continuation call passes only the *new* rows and their own ``attention_mask`` ``[B, T_new]``.
 
 What the optional outputs hold (identical in both modes):
 
 - ``hidden_states``: ``N + 1`` tensors ``[B, T, d]`` over the rows of this call — index 0 the embeddings (vision
   rows: the projected rows), index ``i`` the output of block ``i``, the last one after the final norm (HF's
-  convention). At indices ``0 … L`` the vision rows hold the rows they enter layer ``L`` with (they wait, unchanged).
+  convention). At indices ``0 … L`` the vision rows hold the rows they enter layer ``L`` with (they wait,
+  unchanged); from index ``K + 1`` on they hold their state at index ``K`` (they have left).
 - ``attentions``: ``N`` tensors ``[B, heads, T, S]`` (``S`` = all rows so far, in full-sequence order), eager
-  attention only. Below ``L`` the columns of vision rows are exactly 0 (text cannot see them) and so are the rows
-  of vision queries (they are not computed). Padding query rows are 0 in every layer.
+  attention only. Outside the window (layers ``< L`` and ``≥ K``) the columns of vision rows are exactly 0 (text
+  cannot see them) and so are the rows of vision queries (they are not computed). Padding query rows are 0 in
+  every layer.
 
 This module imports only torch and transformers: it travels inside saved checkpoints with the grounded model's
 code (``trust_remote_code``). Errors are :class:`GroundingError`, a plain ``ValueError``.
@@ -122,17 +131,20 @@ def scatter_attention(weights: torch.Tensor, query_index: torch.Tensor, key_inde
 
 
 class GroundedCache(DynamicCache):
-    """A ``DynamicCache`` whose layers below ``insert_layer`` hold fewer rows, plus what a continuation needs.
+    """A ``DynamicCache`` whose layers outside the window ``[insert_layer, exit_layer)`` hold the text rows only,
+    plus what a continuation needs.
 
     ``key_masks["low"] [B, S_low]`` and ``key_masks["high"] [B, S_high]`` are the padding masks of the cached keys
-    of layers ``< L`` and ``≥ L``; ``low_index [B, S_low]`` the full-sequence row of each low key;
+    of the text-only layers (``< L`` and ``≥ K``, which hold the same rows) and of the window's layers;
+    ``low_index [B, S_low]`` the full-sequence row of each text-only key;
     ``next_position [B]`` the position id of the next row. Beam search reorders, and batch expansion repeats,
     all of them with the keys and values.
     """
 
-    def __init__(self, insert_layer: int, mode: str, **kwargs: Any):
+    def __init__(self, insert_layer: int, mode: str, exit_layer: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.insert_layer = insert_layer
+        self.exit_layer = exit_layer
         self.mode = mode
         self.key_masks: dict[str, torch.Tensor] = {}
         self.low_index: torch.Tensor | None = None
@@ -283,7 +295,7 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                      cache: GroundedCache | None = None, use_cache: bool = False, mode: str = "splice",
                      logits_to_keep: int = 0, return_logits: bool = True, output_hidden_states: bool = False,
-                     output_attentions: bool = False) -> GroundedOutput:
+                     output_attentions: bool = False, exit_layer: int | None = None) -> GroundedOutput:
     """Run ``model`` with the rows marked by ``vision_mask`` entering at layer ``insert_layer``.
 
     Args:
@@ -292,6 +304,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         inputs_embeds: ``[B, T, d]`` the full sequence, projected vision rows already in place.
         vision_mask: ``[B, T]`` bool, True at vision rows (any count per sample, zero included); None = no vision.
         insert_layer: ``L`` in ``[0, N]``. 0 is the ordinary model; N sends vision rows to the final norm only.
+        exit_layer: ``K`` in ``[L, N]`` (None = N): from layer K on the vision rows are gone again — absent from
+            the stream (splice) or unseen (mask); text rows keep what they read from them in layers L … K−1.
         attention_mask: ``[B, T]`` 1 = attend, 0 = padding (left or right). With ``cache`` it covers the new rows
             only; the cache remembers the past.
         labels: ``[B, T]`` token ids, -100 = ignored; the usual shifted cross-entropy is returned as ``loss``.
@@ -312,6 +326,10 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     n_layers = len(base.layers)
     if isinstance(insert_layer, bool) or not isinstance(insert_layer, int) or not 0 <= insert_layer <= n_layers:
         raise GroundingError(f"insert_layer must be an integer in [0, {n_layers}], got {insert_layer!r}")
+    exit_layer = n_layers if exit_layer is None else exit_layer
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not insert_layer <= exit_layer <= n_layers:
+        raise GroundingError(f"exit_layer must be an integer in [insert_layer, {n_layers}] = [{insert_layer}, "
+                             f"{n_layers}], got {exit_layer!r}")
     if mode not in MODES:
         raise GroundingError(f"mode must be one of {MODES}, got {mode!r}")
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
@@ -332,20 +350,20 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     vision_mask = vision_mask.bool()
     attn = attention_mask.bool()
     layers = base.layers
-    low, high = layers[:insert_layer], layers[insert_layer:]
+    # three segments: text only below L, every row from L to K, text only again from K
+    low, mid, top = layers[:insert_layer], layers[insert_layer:exit_layer], layers[exit_layer:]
     dtype = inputs_embeds.dtype
-    states_low = [] if output_hidden_states else None
-    states_high = [] if output_hidden_states else None
-    weights_low = [] if output_attentions else None
-    weights_high = [] if output_attentions else None
+    record = {seg: ([] if output_hidden_states else None) for seg in ("low", "mid", "top")}
+    weights = {seg: ([] if output_attentions else None) for seg in ("low", "mid", "top")}
     rows = torch.arange(t, device=device).expand(b, t)
 
     if cache is not None:
         if not isinstance(cache, GroundedCache):
             raise GroundingError("the cache must be the GroundedCache returned by grounded_forward")
-        if cache.insert_layer != insert_layer or cache.mode != mode:
-            raise GroundingError(f"cache was built with insert_layer={cache.insert_layer}, mode={cache.mode!r}; "
-                                 f"got insert_layer={insert_layer}, mode={mode!r}")
+        if (cache.insert_layer, cache.exit_layer, cache.mode) != (insert_layer, exit_layer, mode):
+            raise GroundingError(f"cache was built with insert_layer={cache.insert_layer}, exit_layer="
+                                 f"{cache.exit_layer}, mode={cache.mode!r}; got insert_layer={insert_layer}, "
+                                 f"exit_layer={exit_layer}, mode={mode!r}")
         if vision_mask.any():
             raise GroundingError("vision rows can only be given in the first (prefill) call, not with a cache")
         positions = full_positions(attn, cache.next_position)
@@ -353,50 +371,65 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         s_past = cache.key_masks["high"].shape[1]
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
         low_index = torch.cat([cache.low_index, rows + s_past], 1)
-        cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in both segments
-        hidden = _run_layers(low, inputs_embeds, causal_key_mask(masks["low"], t, dtype), positions,
-                             base.rotary_emb, cache, cos_sin, states_low, weights_low)
-        hidden = _run_layers(high, hidden, causal_key_mask(masks["high"], t, dtype), positions, base.rotary_emb,
-                             cache, cos_sin, states_high, weights_high)
-        if weights_low:  # low keys are a subset of the full sequence's rows
-            weights_low = [scatter_attention(w, rows, low_index, t, s_past + t) for w in weights_low]
+        cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in every segment
+        text_mask, full_mask = causal_key_mask(masks["low"], t, dtype), causal_key_mask(masks["high"], t, dtype)
+        hidden = _run_layers(low, inputs_embeds, text_mask, positions, base.rotary_emb, cache, cos_sin,
+                             record["low"], weights["low"])
+        hidden = _run_layers(mid, hidden, full_mask, positions, base.rotary_emb, cache, cos_sin, record["mid"],
+                             weights["mid"])
+        hidden = _run_layers(top, hidden, text_mask, positions, base.rotary_emb, cache, cos_sin, record["top"],
+                             weights["top"])
+        for seg in ("low", "top"):  # text-segment keys are a subset of the full sequence's rows
+            if weights[seg]:
+                weights[seg] = [scatter_attention(w, rows, low_index, t, s_past + t) for w in weights[seg]]
     else:
-        cache = GroundedCache(insert_layer, mode) if use_cache else None
+        cache = GroundedCache(insert_layer, mode, exit_layer=exit_layer) if use_cache else None
         positions = full_positions(attn)
         _check_sliding_window(config, t)
-        hidden = inputs_embeds
-        if insert_layer > 0 and mode == "splice":
+        text_segments = insert_layer > 0 or exit_layer < n_layers
+        if text_segments and mode == "splice":
             index, valid = pack_rows(~vision_mask)
-            waiting = inputs_embeds.gather(1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
-            low_keys = attn.gather(1, index) & valid
-            stream = _run_layers(low, waiting, causal_key_mask(low_keys, index.shape[1], dtype),
-                                 positions.gather(1, index), base.rotary_emb, cache, None, states_low, weights_low)
-
-            def unpack(s: torch.Tensor) -> torch.Tensor:
-                """Text rows from the stream; vision rows (and the left fill) keep the rows they enter with."""
-                return scatter_rows(inputs_embeds, index, torch.where(valid[..., None], s, waiting))
-
-            hidden = unpack(stream)
-            if states_low is not None:
-                states_low = [unpack(s) for s in states_low]
-            if weights_low is not None:
-                weights_low = [scatter_attention(w * valid[:, None, :, None], index, index, t, t)
-                               for w in weights_low]
-            low_index = index
-        elif insert_layer > 0:
-            low_keys = attn & ~vision_mask
-            hidden = _run_layers(low, inputs_embeds, causal_key_mask(low_keys, t, dtype), positions,
-                                 base.rotary_emb, cache, None, states_low, weights_low)
-            hidden = torch.where(vision_mask[..., None], inputs_embeds, hidden)
-            if states_low is not None:
-                states_low = [torch.where(vision_mask[..., None], inputs_embeds, s) for s in states_low]
-            if weights_low is not None:
-                weights_low = [w * (~vision_mask)[:, None, :, None] for w in weights_low]
-            low_index = rows
+            low_keys, low_index = attn.gather(1, index) & valid, index
+            text_mask = causal_key_mask(low_keys, index.shape[1], dtype)
+        elif text_segments:
+            low_keys, low_index = attn & ~vision_mask, rows
+            text_mask = causal_key_mask(low_keys, t, dtype)
         else:
             low_keys, low_index = attn[:, :0], rows[:, :0]
-        hidden = _run_layers(high, hidden, causal_key_mask(attn, t, dtype), positions, base.rotary_emb, cache,
-                             None, states_high, weights_high)
+
+        def text_only(segment: str, stack: Any, full: torch.Tensor) -> torch.Tensor:
+            """Run ``stack`` on the text rows; vision rows keep their values in ``full`` (they wait, or have left)."""
+            if not len(stack):
+                return full
+            states, maps = record[segment], weights[segment]
+            if mode == "splice":  # the vision rows are absent: no compute spent on them
+                expand = index[..., None].expand(-1, -1, full.shape[-1])
+                waiting = full.gather(1, expand)
+                out = _run_layers(stack, waiting, text_mask, positions.gather(1, index), base.rotary_emb, cache,
+                                  None, states, maps)
+
+                def place(s: torch.Tensor) -> torch.Tensor:
+                    return scatter_rows(full, index, torch.where(valid[..., None], s, waiting))
+
+                if maps is not None:
+                    weights[segment] = [scatter_attention(w * valid[:, None, :, None], index, index, t, t)
+                                        for w in maps]
+            else:  # present but unseen: text cannot attend to them, their own outputs are discarded
+                out = _run_layers(stack, full, text_mask, positions, base.rotary_emb, cache, None, states, maps)
+
+                def place(s: torch.Tensor) -> torch.Tensor:
+                    return torch.where(vision_mask[..., None], full, s)
+
+                if maps is not None:
+                    weights[segment] = [w * (~vision_mask)[:, None, :, None] for w in maps]
+            if states is not None:
+                record[segment] = [place(s) for s in states]
+            return place(out)
+
+        hidden = text_only("low", low, inputs_embeds)
+        hidden = _run_layers(mid, hidden, causal_key_mask(attn, t, dtype), positions, base.rotary_emb, cache,
+                             None, record["mid"], weights["mid"])
+        hidden = text_only("top", top, hidden)
         masks = {"low": low_keys, "high": attn}
     if cache is not None:
         start = cache.next_position if cache.next_position is not None else 0
@@ -405,10 +438,10 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
 
     hidden_states = attentions = None
     if output_hidden_states:
-        hidden_states = (inputs_embeds, *states_low, *states_high)
+        hidden_states = (inputs_embeds, *record["low"], *record["mid"], *record["top"])
         hidden_states = (*hidden_states[:-1], base.norm(hidden_states[-1]))  # HF: the last one after the norm
     if output_attentions:  # padding queries attend nowhere
-        attentions = tuple(w * attn[:, None, :, None] for w in (*weights_low, *weights_high))
+        attentions = tuple(w * attn[:, None, :, None] for w in (*weights["low"], *weights["mid"], *weights["top"]))
     if logits_to_keep:
         if labels is not None:
             raise GroundingError("logits_to_keep cannot be combined with labels")

@@ -132,9 +132,25 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
     def set_insert_layer(self, layer: int) -> None:
         """Change L in place (a training-free probe runs one set of weights at several L)."""
         n = self.config.text_config.num_hidden_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-            raise GroundingError(f"insert_layer must be an integer in [0, {n}], got {layer!r}")
+        top = n if self.config.exit_layer is None else self.config.exit_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= top:
+            raise GroundingError(f"insert_layer must be an integer in [0, {top}] (exit_layer {top}), got {layer!r}")
         self.config.insert_layer = layer
+
+    @property
+    def exit_layer(self) -> int:
+        """K: the first block the vision rows no longer reach (N when they stay to the end)."""
+        n = self.config.text_config.num_hidden_layers
+        return n if self.config.exit_layer is None else self.config.exit_layer
+
+    def set_exit_layer(self, layer: int | None) -> None:
+        """Change K in place (None: the vision rows stay to the end)."""
+        n = self.config.text_config.num_hidden_layers
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                                  or not self.config.insert_layer <= layer <= n):
+            raise GroundingError(f"exit_layer must be None or an integer in [{self.config.insert_layer}, {n}], "
+                                 f"got {layer!r}")
+        self.config.exit_layer = layer
 
     @property
     def num_image_tokens(self) -> int:
@@ -276,7 +292,8 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
                                attention_mask=attention_mask, labels=labels, cache=cache if continuing else None,
                                use_cache=bool(use_cache), mode=config.grounding_mode,
                                logits_to_keep=logits_to_keep if labels is None else 0, return_logits=return_logits,
-                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                               output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                               exit_layer=config.exit_layer)
         result = GroundedLlavaOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
                                      attentions=out.attentions, image_hidden_states=vision_embeds,
                                      **{CACHE_FIELD: out.cache})

@@ -225,3 +225,97 @@ def test_loss_without_logits_equals_full_loss(model, insert_layer):
                             return_logits=False)
     assert lean.logits is None
     torch.testing.assert_close(lean.loss, full.loss, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# windows: vision rows enter at L and leave after K - 1
+
+
+WINDOWS = [(0, 2), (1, 3), (2, 2), (1, N_LAYERS), (0, 0)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_window_splice_equals_mask_in_logits_states_and_maps(model, window):
+    insert, exit_ = window
+    embeds, vision, attn = _batch(11)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = {mode: grounded_forward(model, embeds, vision, insert, attention_mask=attn, mode=mode,
+                                          exit_layer=exit_, output_hidden_states=True, output_attentions=True)
+                   for mode in ("splice", "mask")}
+    finally:
+        model.set_attn_implementation("sdpa")
+    live = attn.bool()
+    torch.testing.assert_close(out["splice"].logits[live], out["mask"].logits[live], atol=1e-5, rtol=0)
+    for a, b in zip(out["splice"].hidden_states, out["mask"].hidden_states):
+        torch.testing.assert_close(a[live], b[live], atol=1e-5, rtol=0)
+    for i, (a, b) in enumerate(zip(out["splice"].attentions, out["mask"].attentions)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        if not insert <= i < exit_:  # outside the window text never sees vision rows, and they are not run
+            assert a[vision[:, None, None, :].expand_as(a)].abs().max() == 0
+            assert a[vision[:, None, :, None].expand_as(a)].abs().max() == 0
+    hs = out["splice"].hidden_states
+    for i in range(exit_ + 1, N_LAYERS):  # after K the vision rows keep their state at K (they have left)
+        torch.testing.assert_close(hs[i][vision], hs[exit_][vision], atol=0, rtol=0)
+
+
+def test_an_empty_window_is_the_text_only_model():
+    m = _model("llama")
+    embeds, vision, attn = _batch(12)
+    with torch.no_grad():
+        out = grounded_forward(m, embeds, vision, 2, attention_mask=attn, exit_layer=2).logits
+        for b in range(3):
+            rows = (attn[b].bool() & ~vision[b]).nonzero().squeeze(1)
+            ref = m(inputs_embeds=embeds[b:b + 1, rows], position_ids=full_positions(attn)[b, rows][None]).logits[0]
+            torch.testing.assert_close(out[b, rows], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [(0, 2), (1, 3), (1, 1)])
+def test_text_reads_vision_only_inside_the_window(window):
+    m = _model("llama")
+    embeds, vision, attn = _batch(13)
+    other = embeds.clone()
+    other[vision] = torch.randn(int(vision.sum()), 32)
+    text = attn.bool() & ~vision
+    with torch.no_grad():
+        a = grounded_forward(m, embeds, vision, window[0], attention_mask=attn, exit_layer=window[1]).logits
+        b = grounded_forward(m, other, vision, window[0], attention_mask=attn, exit_layer=window[1]).logits
+    changed = (a[text] - b[text]).abs().max()
+    assert changed > 1e-4 if window[0] < window[1] else changed == 0
+
+
+@pytest.mark.parametrize("window", [(0, 2), (1, 3), (2, 2)])
+@pytest.mark.parametrize("mode", ["splice", "mask"])
+def test_window_cached_decoding_equals_recompute(model, window, mode):
+    insert, exit_ = window
+    embeds, vision, attn = _batch(14)
+    g = torch.Generator().manual_seed(3)
+    steps = [torch.randn(3, 1, 32, generator=g) for _ in range(6)]
+    kw = dict(mode=mode, exit_layer=exit_)
+    with torch.no_grad():
+        cache = grounded_forward(model, embeds, vision, insert, attention_mask=attn, use_cache=True, **kw).cache
+        full_e, full_v, full_a = embeds, vision, attn
+        for step in steps:
+            out = grounded_forward(model, step, None, insert, cache=cache, use_cache=True, **kw)
+            full_e = torch.cat([full_e, step], 1)
+            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
+            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
+            ref = grounded_forward(model, full_e, full_v, insert, attention_mask=full_a, **kw).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    lengths = cache.layer_lengths()
+    t_all = 12 + len(steps)
+    t_text = int((~vision).sum(1).max()) + len(steps) if mode == "splice" else t_all
+    want = [t_text if not insert <= i < exit_ else t_all for i in range(N_LAYERS)]
+    assert lengths == want  # the KV cache of layers >= K holds text rows only
+
+
+def test_bad_windows():
+    m = _model("llama")
+    embeds, vision, attn = _batch()
+    for insert, exit_ in [(2, 1), (0, N_LAYERS + 1), (1, -1)]:
+        with pytest.raises(GroundingError, match="exit_layer must be an integer"):
+            grounded_forward(m, embeds, vision, insert, exit_layer=exit_)
+    cache = grounded_forward(m, embeds, vision, 1, attention_mask=attn, use_cache=True, exit_layer=2).cache
+    with pytest.raises(GroundingError, match="exit_layer=2"):
+        grounded_forward(m, embeds[:, :1], None, 1, cache=cache, exit_layer=3)

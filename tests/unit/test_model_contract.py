@@ -361,3 +361,25 @@ def test_lora_on_the_language_model_alone(lora_setup):
     with torch.no_grad():
         again = PeftModel.from_pretrained(fresh, tmp / "lm_adapter").eval()(input_ids=ids).logits
     torch.testing.assert_close(again, adapted, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_window_model_generates_the_same_with_and_without_cache(batch, mode, tmp_path):
+    model = make_model(1, mode)
+    model.set_exit_layer(3)  # vision rows in blocks 1 and 2 only
+    ids, mask, px = batch
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=5, do_sample=False,
+              pad_token_id=3, eos_token_id=None, suppress_tokens=[IMAGE_ID])
+    with torch.no_grad():
+        cached, uncached = model.generate(**kw, use_cache=True), model.generate(**kw, use_cache=False)
+        full = make_model(1, mode)(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        windowed = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+    assert torch.equal(cached, uncached)
+    assert (windowed - full)[mask.bool()].abs().max() > 1e-4  # K changes the computation
+    model.save_pretrained(tmp_path / "w")
+    again = GroundedLlavaForConditionalGeneration.from_pretrained(tmp_path / "w")
+    assert again.exit_layer == 3 and again.config.insert_layer == 1
+    with pytest.raises(GroundingError, match="exit_layer must be"):
+        model.set_exit_layer(0)
+    with pytest.raises(GroundingError, match="insert_layer must be"):
+        model.set_insert_layer(4)
