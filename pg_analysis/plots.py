@@ -95,22 +95,31 @@ def efficiency_figure(result: dict[str, Any], path: Path) -> None:
     """Fig. 1 / Table 4 style: measured prefill and training-step time vs L (relative to L=0) with the
     FLOP-proportional prediction, and KV-cache size."""
     plt = _pyplot()
-    rows = result["rows"]
-    ls = [r["insert_layer"] for r in rows]
+    n = result.get("n_layers")
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in result["rows"]:  # one line per exit layer K (results before windows existed: K = N)
+        groups.setdefault(r.get("exit_layer", n), []).append(r)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax.plot(ls, [r["prefill_pred"] for r in rows], "k--", label="predicted (FLOPs)")
-    if "prefill_ratio" in rows[0]:
-        ax.plot(ls, [r["prefill_ratio"] for r in rows], "o-", label="prefill (measured)")
-        if rows[0].get("train_ratio") is not None:
-            ax.plot(ls, [r["train_ratio"] for r in rows], "s-", label="train step (measured)")
+    for i, (k, rows) in enumerate(sorted(groups.items(), key=lambda kv: -(kv[0] if kv[0] is not None else 1 << 30))):
+        rows = sorted(rows, key=lambda r: r["insert_layer"])
+        ls = [r["insert_layer"] for r in rows]
+        tag = "" if len(groups) == 1 else f", K={k}"
+        colour = f"C{i}"
+        ax.plot(ls, [r["prefill_pred"] for r in rows], "--", color=colour, alpha=0.6, label=f"predicted (FLOPs){tag}")
+        if "prefill_ratio" in rows[0]:
+            ax.plot(ls, [r["prefill_ratio"] for r in rows], "o-", color=colour, label=f"prefill (measured){tag}")
+            if rows[0].get("train_ratio") is not None and len(groups) == 1:
+                ax.plot(ls, [r["train_ratio"] for r in rows], "s-", color="C1", label="train step (measured)")
+        ax2.plot(ls, [r["kv_cache_bytes"] / 2**20 for r in rows], "o-", color=colour, label=f"K={k}")
     ax.set_xlabel("insert layer L")
-    ax.set_ylabel("time relative to L = 0")
+    ax.set_ylabel("time relative to the ordinary model")
     ax.set_title(f"{result['model']}: T={result['config']['text_tokens']}, V={result['config']['vision_tokens']}",
                  fontsize=9)
-    ax.legend(fontsize=8)
-    ax2.plot(ls, [r["kv_cache_bytes"] / 2**20 for r in rows], "o-")
+    ax.legend(fontsize=7)
     ax2.set_xlabel("insert layer L")
     ax2.set_ylabel("KV cache (MiB)")
+    if len(groups) > 1:
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -44,6 +44,7 @@ class BenchConfig:
     text_tokens: int = 88
     vision_tokens: int = 576
     layers: list[int] | None = None  # None: 0, N/8, N/4, N/2, 3N/4, N
+    exit_layers: list[int] | None = None  # None: N only (vision rows to the end); else every (L, K) with L <= K
     batch_size: int = 1
     repeats: int = 3
     decode_tokens: int = 16
@@ -62,6 +63,8 @@ class BenchConfig:
             raise InputError("vision_tokens and decode_tokens must be >= 0")
         if self.layers is not None and not self.layers:
             raise InputError("layers must name at least one insert layer")
+        if self.exit_layers is not None and not self.exit_layers:
+            raise InputError("exit_layers must name at least one exit layer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,19 +92,24 @@ class FlopModel:
     def layer(self, n: int) -> float:
         return 2.0 * n * self.layer_params + 4.0 * n * n * self.hidden
 
-    def prefill(self, text: int, vision: int, insert_layer: int) -> float:
+    def _window(self, insert_layer: int, exit_layer: int | None) -> tuple[int, int]:
+        """``(layers on text rows only, layers on every row)`` of a window ``[L, K)`` (``K`` None: N)."""
+        exit_layer = self.n_layers if exit_layer is None else exit_layer
+        return self.n_layers - (exit_layer - insert_layer), exit_layer - insert_layer
+
+    def prefill(self, text: int, vision: int, insert_layer: int, exit_layer: int | None = None) -> float:
         total = text + vision
-        return (insert_layer * self.layer(text) + (self.n_layers - insert_layer) * self.layer(total)
-                + 2.0 * total * self.hidden * self.vocab)
+        text_only, full = self._window(insert_layer, exit_layer)
+        return text_only * self.layer(text) + full * self.layer(total) + 2.0 * total * self.hidden * self.vocab
 
-    def prefill_ratio(self, text: float, vision: float, insert_layer: int) -> float:
-        """``FLOPs(L) / FLOPs(0)`` of a prefill (the predicted saving is one minus this)."""
-        return self.prefill(text, vision, insert_layer) / self.prefill(text, vision, 0)
+    def prefill_ratio(self, text: float, vision: float, insert_layer: int, exit_layer: int | None = None) -> float:
+        """``FLOPs(L, K) / FLOPs(0, N)`` of a prefill (the predicted saving is one minus this)."""
+        return self.prefill(text, vision, insert_layer, exit_layer) / self.prefill(text, vision, 0)
 
-    def decode_step(self, text: int, vision: int, insert_layer: int) -> float:
+    def decode_step(self, text: int, vision: int, insert_layer: int, exit_layer: int | None = None) -> float:
         per = lambda s: 2.0 * self.layer_params + 4.0 * s * self.hidden  # noqa: E731
-        return (insert_layer * per(text) + (self.n_layers - insert_layer) * per(text + vision)
-                + 2.0 * self.hidden * self.vocab)
+        text_only, full = self._window(insert_layer, exit_layer)
+        return text_only * per(text) + full * per(text + vision) + 2.0 * self.hidden * self.vocab
 
 
 def _sync(device: torch.device) -> None:
@@ -122,6 +130,7 @@ def timed_call(fn: Any, device: torch.device) -> float:
 @dataclass
 class BenchRow:
     insert_layer: int
+    exit_layer: int
     prefill_s: float
     prefill_pred: float  # predicted time ratio vs L=0
     decode_token_s: float | None
@@ -156,9 +165,13 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     model, label = build_model(cfg, runtime)
     n = len(model.model.layers)
     layers = cfg.layers if cfg.layers is not None else default_layers(n)
-    for layer in layers:
-        if not 0 <= layer <= n:
-            raise InputError(f"insert layer {layer} outside [0, {n}] for {label}")
+    exits = cfg.exit_layers if cfg.exit_layers is not None else [n]
+    for kind, values in (("insert", layers), ("exit", exits)):
+        for layer in values:
+            if not 0 <= layer <= n:
+                raise InputError(f"{kind} layer {layer} outside [0, {n}] for {label}")
+    # every window [L, K) with L <= K, the ordinary model (0, N) first: the baseline of every ratio
+    windows = [(0, n)] + sorted({(a, k) for a in layers for k in exits if a <= k} - {(0, n)})
     flops = FlopModel.of(model)
     b, t, v = cfg.batch_size, cfg.text_tokens, cfg.vision_tokens
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -171,71 +184,73 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     labels[vision_mask] = -100
     step = (torch.randn(b, 1, model.config.hidden_size, generator=g) * 0.02).to(dev, runtime.dtype)
 
-    def prefill(layer: int):
+    def prefill(window: tuple[int, int]):
         with torch.no_grad():
-            return grounded_forward(model, embeds, vision_mask, layer, use_cache=True)
+            return grounded_forward(model, embeds, vision_mask, window[0], use_cache=True, exit_layer=window[1])
 
-    def decode(layer: int) -> float:
-        cache = prefill(layer).cache
+    def decode(window: tuple[int, int]) -> float:
+        cache = prefill(window).cache
 
         def steps() -> None:
             with torch.no_grad():
                 for _ in range(cfg.decode_tokens):
-                    grounded_forward(model, step, None, layer, cache=cache, use_cache=True)
+                    grounded_forward(model, step, None, window[0], cache=cache, use_cache=True,
+                                     exit_layer=window[1])
 
         return timed_call(steps, dev) / cfg.decode_tokens
 
-    def train_step(layer: int) -> None:
+    def train_step(window: tuple[int, int]) -> None:
         model.zero_grad(set_to_none=True)
-        grounded_forward(model, embeds, vision_mask, layer, labels=labels).loss.backward()
+        grounded_forward(model, embeds, vision_mask, window[0], labels=labels, exit_layer=window[1]).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def timed(fn, layer: int) -> float:
-        return timed_call(lambda: fn(layer), dev)
+    def timed(fn, window: tuple[int, int]) -> float:
+        return timed_call(lambda: fn(window), dev)
 
     # Warm-up at L=0 (allocator, kernels), then round-robin over L for each repeat so drift in machine speed hits
     # every L alike; the minimum over repeats is reported (CPU timings are skewed by other load, never sped up).
-    prefill(0)
+    prefill((0, n))
     if cfg.train:
-        train_step(0)
-    times: dict[str, dict[int, list[float]]] = {"prefill": {}, "decode": {}, "train": {}}
-    for _ in tqdm(range(cfg.repeats), desc="repeats over L", disable=not progress):
-        for layer in layers:
-            times["prefill"].setdefault(layer, []).append(timed(prefill, layer))
+        train_step((0, n))
+    times: dict[str, dict[tuple[int, int], list[float]]] = {"prefill": {}, "decode": {}, "train": {}}
+    for _ in tqdm(range(cfg.repeats), desc="repeats over (L, K)", disable=not progress):
+        for window in windows:
+            times["prefill"].setdefault(window, []).append(timed(prefill, window))
             if cfg.decode_tokens > 0:
-                times["decode"].setdefault(layer, []).append(decode(layer))
+                times["decode"].setdefault(window, []).append(decode(window))
             if cfg.train:
                 model.train()
-                times["train"].setdefault(layer, []).append(timed(train_step, layer))
+                times["train"].setdefault(window, []).append(timed(train_step, window))
                 model.eval()
     rows: list[BenchRow] = []
-    for layer in layers:
+    for window in windows:
+        layer, exit_layer = window
         peak = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             base_mem = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        kv = prefill(layer).cache.nbytes()  # one prefill gives the cache size and, on CUDA, the peak
+        kv = prefill(window).cache.nbytes()  # one prefill gives the cache size and, on CUDA, the peak
         if dev.type == "cuda":
             _sync(dev)
             peak = torch.cuda.max_memory_allocated(dev) - base_mem
-        rows.append(BenchRow(layer, min(times["prefill"][layer]), flops.prefill_ratio(t, v, layer),
-                             min(times["decode"][layer]) if cfg.decode_tokens > 0 else None,
-                             flops.decode_step(t, v, layer) / flops.decode_step(t, v, 0),
-                             min(times["train"][layer]) if cfg.train else None, kv, peak))
+        rows.append(BenchRow(layer, exit_layer, min(times["prefill"][window]),
+                             flops.prefill_ratio(t, v, layer, exit_layer),
+                             min(times["decode"][window]) if cfg.decode_tokens > 0 else None,
+                             flops.decode_step(t, v, layer, exit_layer) / flops.decode_step(t, v, 0),
+                             min(times["train"][window]) if cfg.train else None, kv, peak))
 
-    base = rows[0] if rows and rows[0].insert_layer == 0 else None
+    base = rows[0]  # the ordinary model, (0, N)
     table = []
     for r in rows:
         d = dataclasses.asdict(r)
-        if base is not None:
-            d["prefill_ratio"] = r.prefill_s / base.prefill_s
-            d["prefill_saving_achieved"] = _achieved(d["prefill_ratio"], r.prefill_pred)
-            if r.train_step_s is not None and base.train_step_s:
-                d["train_ratio"] = r.train_step_s / base.train_step_s
-                d["train_saving_achieved"] = _achieved(d["train_ratio"], r.prefill_pred)
-            if r.decode_token_s is not None and base.decode_token_s:
-                d["decode_ratio"] = r.decode_token_s / base.decode_token_s
+        d["prefill_ratio"] = r.prefill_s / base.prefill_s
+        d["prefill_saving_achieved"] = _achieved(d["prefill_ratio"], r.prefill_pred)
+        if r.train_step_s is not None and base.train_step_s:
+            d["train_ratio"] = r.train_step_s / base.train_step_s
+            d["train_saving_achieved"] = _achieved(d["train_ratio"], r.prefill_pred)
+        if r.decode_token_s is not None and base.decode_token_s:
+            d["decode_ratio"] = r.decode_token_s / base.decode_token_s
         table.append(d)
     return {"model": label, "n_layers": n, "runtime": runtime.to_dict(), "config": cfg.to_dict(),
             "flop_model": dataclasses.asdict(flops), "rows": table}
@@ -252,7 +267,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"{result['model']} — {result['n_layers']} layers, T={result['config']['text_tokens']} text + "
             f"V={result['config']['vision_tokens']} vision rows, batch {result['config']['batch_size']}, "
             f"{result['runtime']['device']} {result['runtime']['dtype']}")
-    cols = ["L", "prefill ms", "pred", "achieved", "train ms", "achieved", "decode ms/tok", "ratio", "KV MiB",
+    cols = ["L", "K", "prefill ms", "pred", "achieved", "train ms", "achieved", "decode ms/tok", "ratio", "KV MiB",
             "peak MiB"]
     lines = [head, " ".join(f"{c:>13s}" for c in cols)]
 
@@ -261,7 +276,7 @@ def format_table(result: dict[str, Any]) -> str:
 
     for r in result["rows"]:
         lines.append(" ".join(f"{s:>13s}" for s in [
-            str(r["insert_layer"]), f(r["prefill_s"] * 1e3, ".1f"), f(r["prefill_pred"], ".3f"),
+            str(r["insert_layer"]), str(r.get("exit_layer", result["n_layers"])), f(r["prefill_s"] * 1e3, ".1f"), f(r["prefill_pred"], ".3f"),
             f(r.get("prefill_saving_achieved"), ".0%"),
             f(r["train_step_s"] * 1e3 if r["train_step_s"] is not None else None, ".1f"),
             f(r.get("train_saving_achieved"), ".0%"),

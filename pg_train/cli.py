@@ -22,6 +22,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=d.text_tokens, help="text rows T (default: %(default)s)")
     p.add_argument("--vision-tokens", type=int, default=d.vision_tokens, help="vision rows V (default: %(default)s)")
     p.add_argument("--layers", type=int_list, default=None, help="insert layers, e.g. 0,2,4,8 (default: 0, N/8 … N)")
+    p.add_argument("--exit-layers", type=int_list, default=None,
+                   help="exit layers K, e.g. 16,24,30: every window L <= K is timed (default: N only, the vision "
+                        "rows stay to the end)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats, median reported (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
@@ -45,7 +48,8 @@ def _bench_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable_parent(out)
     cfg = BenchConfig(model=args.model, shape=args.shape, text_tokens=args.text_tokens,
-                      vision_tokens=args.vision_tokens, layers=args.layers, batch_size=args.batch_size,
+                      vision_tokens=args.vision_tokens, layers=args.layers, exit_layers=args.exit_layers,
+                      batch_size=args.batch_size,
                       repeats=args.repeats, decode_tokens=args.decode_tokens, train=not args.no_train,
                       device=args.device, dtype=args.dtype)
     result = run_bench(cfg, progress=not args.quiet)

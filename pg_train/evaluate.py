@@ -331,31 +331,36 @@ class Evaluator:
 
     @torch.no_grad()
     def efficiency(self) -> dict[str, Any]:
-        """MCQ prefill latency (one batch) at the model's L and at L=0, with the FLOP prediction."""
+        """MCQ prefill latency (one batch) at the model's window (L, K) and as the ordinary model (0, N), with the
+        FLOP prediction."""
         from .bench import FlopModel, timed_call
 
         exs = self.prompts(self.records["mcq"][:self.cfg.batch_size], "image")
         batch = self._batch(exs)
-        layer = self.model.insert_layer
+        layer, exit_layer = self.model.insert_layer, self.model.config.exit_layer
         v = self.model.num_image_tokens
         t = float(batch["attention_mask"].sum(1).float().mean()) - v
         flops = FlopModel.of(self.model.decoder_parts())
         timings = {}
         try:
-            for lay in sorted({0, layer}):
-                self.model.set_insert_layer(lay)
+            for window in dict.fromkeys([(0, None), (layer, exit_layer)]):
+                self.model.set_exit_layer(None)  # widen first, so any L is allowed, then narrow
+                self.model.set_insert_layer(window[0])
+                self.model.set_exit_layer(window[1])
                 best = float("inf")
                 for _ in range(max(1, self.cfg.bench_repeats)):
                     with precision_context(self.cfg.precision, self.device):
                         best = min(best, timed_call(lambda: self.model(**batch, logits_to_keep=1), self.device))
-                timings[lay] = best
+                timings[window] = best
         finally:
+            self.model.set_exit_layer(None)
             self.model.set_insert_layer(layer)
-        predicted = flops.prefill_ratio(t, v, layer)
-        measured = timings[layer] / timings[0]
-        return {"insert_layer": layer, "batch": len(exs), "text_tokens": t, "vision_tokens": v,
-                "prefill_s": timings[layer], "prefill_s_L0": timings[0], "measured_ratio": measured,
-                "predicted_ratio": predicted}
+            self.model.set_exit_layer(exit_layer)
+        predicted = flops.prefill_ratio(t, v, layer, exit_layer)
+        measured = timings[(layer, exit_layer)] / timings[(0, None)]
+        return {"insert_layer": layer, "exit_layer": self.model.exit_layer, "batch": len(exs), "text_tokens": t,
+                "vision_tokens": v, "prefill_s": timings[(layer, exit_layer)], "prefill_s_L0": timings[(0, None)],
+                "measured_ratio": measured, "predicted_ratio": predicted}
 
 
 def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], Path]:

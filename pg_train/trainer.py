@@ -76,6 +76,8 @@ class TrainConfig:
     layer: int = option(0, "insert layer L: vision rows enter the LM at layer L (0 = ordinary LLaVA), or auto: the "
                            "layer pg-recommend names (read from --recommendation, else computed there from "
                            "--baseline, --align-result and --attnmap) (default: %(default)s)")
+    exit_layer: int | None = option(None, "exit layer K (L <= K <= N): from LM layer K on the vision rows are gone "
+                                          "again (default: N, they stay to the end)")
     vision_feature_layer: int = option(-2, "encoder hidden state used, as LLaVA (default: %(default)s)")
     vision_pool: int = option(4, "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens"
                                  " (default: %(default)s)")
@@ -437,6 +439,8 @@ def prepare(cfg: TrainConfig, out_dir: Path) -> Prepared:
         if cfg.layer > n_lm:
             raise InputError(f"--layer must be in [0, {n_lm}] for this {n_lm}-layer LM, got {cfg.layer}")
         vlm.model.set_insert_layer(cfg.layer)
+    if cfg.exit_layer is not None:
+        vlm.model.set_exit_layer(cfg.exit_layer)  # a GroundingError (one line) unless L <= K <= N
     n_layers = vlm.model.config.text_config.num_hidden_layers
     if cfg.lora and cfg.layer >= n_layers:  # before any data or features are prepared
         raise InputError(f"--lora adapts the LM layers >= L, and L = {cfg.layer} leaves none of the {n_layers}")
@@ -755,7 +759,8 @@ def _train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None, out_dir: Pat
                    total=steps[stage])
         t_stage = time.perf_counter()
         layers = model.model.language_model.layers
-        picks = distill_layer_indices(cfg.layer, len(layers), cfg.distill_layers) if stage == 2 else []
+        # inside the window [L, K) only: there every row is present (layers >= K run on the text rows alone)
+        picks = distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers) if stage == 2 else []
         picked = [layers[i] for i in picks]
         for step in bar:
             t0 = time.perf_counter()

@@ -213,3 +213,20 @@ def test_a_kill_while_saving_a_checkpoint_leaves_no_half_checkpoint(tiny_models,
         train(_cfg(tiny_models, tiny_pairs, out, resume=True))
     assert latest_checkpoint(out) == complete
     assert not list((out / "checkpoints").glob("*.tmp")) and out.is_dir()  # kept: it holds a checkpoint
+
+
+def test_a_window_run_trains_saves_and_evaluates(tiny_models, tiny_pairs, tmp_path):
+    from pg_train.cli import eval_cli, train_cli
+    from pg_train.vlm import load_vlm
+
+    out = tmp_path / "window"
+    train(_cfg(tiny_models, tiny_pairs, out, layer=1, exit_layer=2, stage1_steps=1, stage2_steps=2))
+    model = load_vlm(out / "model").model
+    assert (model.insert_layer, model.exit_layer) == (1, 2)
+    assert eval_cli([str(out), "--quiet", "--no-rank-all", "--no-generate", "--precision", "fp32",
+                     "--bench-repeats", "1"]) == 0
+    eff = json.loads((out / "eval" / "eval.json").read_text())["efficiency"]
+    assert (eff["insert_layer"], eff["exit_layer"]) == (1, 2) and eff["predicted_ratio"] < 1
+    common = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]), "--quiet"]
+    assert train_cli(["--layer", "2", "--exit-layer", "1", "--out", str(tmp_path / "bad"), *common]) == 2
+    assert not (tmp_path / "bad").exists()

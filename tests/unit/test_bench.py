@@ -37,3 +37,26 @@ def test_bench_config_validates():
         BenchConfig(shape="gpt-9")
     with pytest.raises(InputError):
         BenchConfig(repeats=0)
+
+
+def test_flop_model_windows():
+    f = FlopModel(n_layers=4, hidden=8, layer_params=100, vocab=10)
+    layer = lambda n: 2 * n * 100 + 4 * n * n * 8  # noqa: E731
+    head = 2 * 8 * 8 * 10
+    assert f.prefill(3, 5, 1, 3) == 2 * layer(3) + 2 * layer(8) + head  # blocks 0 and 3 text only
+    assert f.prefill(3, 5, 1, 4) == f.prefill(3, 5, 1)  # K = N: today's model
+    assert f.prefill(3, 5, 2, 2) == 4 * layer(3) + head  # an empty window: the text-only model
+    assert f.prefill_ratio(3, 5, 0, 2) < 1 and f.decode_step(3, 5, 0, 2) < f.decode_step(3, 5, 0)
+
+
+def test_run_bench_over_windows(tiny_models):
+    cfg = BenchConfig(model=str(tiny_models["llama"]), text_tokens=6, vision_tokens=10, layers=[0, 1, 3],
+                      exit_layers=[1, 3], repeats=1, decode_tokens=1, train=False, device="cpu", dtype="float32")
+    result = run_bench(cfg, progress=False)
+    windows = [(r["insert_layer"], r["exit_layer"]) for r in result["rows"]]
+    assert windows == [(0, 3), (0, 1), (1, 1), (1, 3), (3, 3)]  # L <= K only, the ordinary model first
+    per_row = 2 * 2 * 8 * 4
+    for r in result["rows"]:  # text-only layers outside the window [L, K): T rows; inside: T + V rows
+        inside = r["exit_layer"] - r["insert_layer"]
+        assert r["kv_cache_bytes"] == per_row * ((3 - inside) * 6 + inside * 16)
+    assert result["rows"][0]["prefill_ratio"] == 1.0
