@@ -47,7 +47,7 @@ class Registry(Mapping[str, T], Generic[T]):
         return len(self._entries)
 
 VISION_FAMILIES = ("clip", "dinov2", "vit")
-LM_FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
+LM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 #: HF ``model_type`` → toolkit family.
 FAMILY_BY_MODEL_TYPE: dict[str, str] = {
@@ -58,6 +58,8 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
     "gemma3_text": "gemma3",
     "llava": "llava",
     "pg_llava": "llava",

@@ -1,6 +1,6 @@
 """The grounded forward pass: vision rows skip the first ``L`` decoder layers (the paper's Sec. 4, Fig. 4).
 
-:func:`grounded_forward` runs an HF causal LM of the LLaMA family (Llama, Mistral, Qwen2) layer by layer, using
+:func:`grounded_forward` runs an HF causal LM of the LLaMA family (Llama, Mistral, Qwen2, Qwen3, Phi-3) layer by layer, using
 the model's own decoder layers, rotary embedding, norm and head — nothing is re-implemented:
 
 - position ids are those of the full sequence (cumulative count of attended rows), for every row in every layer,
@@ -55,8 +55,9 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-#: ``config.model_type`` of decoders whose layers share LLaMA's call signature (rotary embeddings passed in).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: ``config.model_type`` of decoders whose layers share LLaMA's call signature (rotary embeddings passed in); each
+#: is tested equal to its HF model at L = 0 and splice equal to mask at L > 0.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 MODES = ("splice", "mask")
 

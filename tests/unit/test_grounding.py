@@ -11,10 +11,20 @@ N_LAYERS = 4
 
 def _model(kind: str):
     torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if kind == "llama":
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=N_LAYERS, vocab_size=50))
+    elif kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8))
+    elif kind == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        model = Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -24,7 +34,7 @@ def _model(kind: str):
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "qwen2"], scope="module")
+@pytest.fixture(params=["llama", "qwen2", "qwen3", "phi3"], scope="module")
 def model(request):
     return _model(request.param)
 
