@@ -1,7 +1,7 @@
 """The grounded forward pass: vision rows skip the first ``L`` decoder layers (the paper's Sec. 4, Fig. 4).
 
-:func:`grounded_forward` runs an HF causal LM of the LLaMA family (Llama, Mistral, Qwen2, Qwen3, Phi-3) layer by layer, using
-the model's own decoder layers, rotary embedding, norm and head — nothing is re-implemented:
+:func:`grounded_forward` runs an HF causal LM of the LLaMA family (Llama, Mistral, Qwen2, Qwen3, Phi-3) layer by
+layer, using the model's own decoder layers, rotary embedding, norm and head — nothing is re-implemented:
 
 - position ids are those of the full sequence (cumulative count of attended rows), for every row in every layer,
   so RoPE sees the true relative distances even where vision rows are absent;
@@ -21,8 +21,11 @@ the model's own decoder layers, rotary embedding, norm and head — nothing is r
   rows; costs the full compute. Useful as a check and for tools that need fixed sequence shapes.
 
 KV cache (:class:`GroundedCache`): layers outside the window cache the text rows only, layers inside it all rows,
-so the per-layer cache lengths differ. The cache remembers each segment's key padding mask and the next position id, so a
-continuation call passes only the *new* rows and their own ``attention_mask`` ``[B, T_new]``.
+so the per-layer cache lengths differ. The cache remembers each segment's key padding mask and the next position
+id, so a continuation call passes only the *new* rows and their own ``attention_mask`` ``[B, T_new]``.
+
+Sliding-window layers (Mistral; Qwen2's ``layer_types``) get their window in every segment, counted in rows of the
+full sequence as transformers counts it (:func:`layer_windows`, :func:`causal_key_mask`).
 
 What the optional outputs hold (identical in both modes):
 
@@ -97,18 +100,57 @@ def pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, keep.gather(1, index)
 
 
-def causal_key_mask(key_mask: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
+def causal_key_mask(key_mask: torch.Tensor, n_query: int, dtype: torch.dtype, window: int | None = None,
+                    key_rows: torch.Tensor | None = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Additive mask ``[B, 1, Q, S]`` for the last ``Q`` rows of a segment whose keys are ``key_mask [B, S]``.
 
     Query ``i`` sits at key index ``S − Q + i`` and may attend key ``j`` iff ``j ≤ S − Q + i`` and ``key_mask[j]``.
-    Rows that may attend nothing (padding queries) get a finite minimum everywhere: no NaNs, outputs ignored.
+    With a sliding ``window`` W, also iff ``key_rows[j] > query_rows[i] − W``: the rows' indices in the full
+    sequence (``[B, S]`` and ``[B, Q]``), as transformers counts the window — so a packed segment without the vision
+    rows keeps the window the full sequence has. Rows that may attend nothing (padding queries) get a finite
+    minimum everywhere: no NaNs, outputs ignored.
     """
     s = key_mask.shape[1]
     q_idx = torch.arange(s - n_query, s, device=key_mask.device)[:, None]
     k_idx = torch.arange(s, device=key_mask.device)[None, :]
     allowed = (k_idx <= q_idx)[None, None] & key_mask[:, None, None, :].bool()
+    if window is not None:
+        allowed = allowed & (key_rows[:, None, None, :] > query_rows[:, None, :, None] - window)
     return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class _SegmentKeys:
+    """What a segment's queries may see: padding mask of its keys ``[B, S]``, the keys' and queries' rows in the
+    full sequence (``[B, S]``, ``[B, Q]``); one additive mask per window size, made once."""
+
+    key_mask: torch.Tensor
+    key_rows: torch.Tensor
+    query_rows: torch.Tensor
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            self._masks[window] = causal_key_mask(self.key_mask, self.query_rows.shape[1], self.dtype, window,
+                                                  self.key_rows, self.query_rows)
+        return self._masks[window]
+
+
+def layer_windows(config: Any, n_layers: int) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), from the config as transformers reads it:
+    ``layer_types`` where the config has them (Qwen2: ``max_window_layers``), else ``sliding_window`` for every
+    layer (Mistral) unless ``use_sliding_window`` is off."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types[:n_layers]]
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return [None] * n_layers
+    return [window] * n_layers
 
 
 def scatter_rows(full: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -237,14 +279,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100)
 
 
-def _check_sliding_window(config: Any, length: int) -> None:
-    window = getattr(config, "sliding_window", None)
-    uses = getattr(config, "use_sliding_window", True)
-    if window is not None and uses and length > window:
-        raise GroundingError(f"sequence length {length} exceeds the model's sliding window {window}, "
-                             "which grounded_forward does not implement")
-
-
 @functools.lru_cache(maxsize=None)
 def _layer_cache_kwarg(layer_type: type) -> str:
     """The keyword the installed decoder layer takes its cache by (``cache``, or ``past_key_values`` before 5.24)."""
@@ -274,17 +308,19 @@ def _attention_weights(layers: Any, sink: list | None) -> Iterator[None]:
             h.remove()
 
 
-def _run_layers(layers: Any, hidden: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor, rotary: Any,
-                cache: GroundedCache | None, cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
-                states: list | None = None, weights: list | None = None) -> torch.Tensor:
-    """Run ``layers`` in order; append each output to ``states`` and each attention map to ``weights``."""
+def _run_layers(layers: Any, hidden: torch.Tensor, keys: _SegmentKeys, windows: list[int | None],
+                positions: torch.Tensor, rotary: Any, cache: GroundedCache | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, states: list | None = None,
+                weights: list | None = None) -> torch.Tensor:
+    """Run ``layers`` in order, each with the mask of its own window; append each output to ``states`` and each
+    attention map to ``weights``."""
     if not len(layers):
         return hidden
     if cos_sin is None:
         cos_sin = rotary(hidden, position_ids=positions)
     with _attention_weights(layers, weights):
-        for layer in layers:
-            out = layer(hidden, attention_mask=mask4d, position_ids=positions, use_cache=cache is not None,
+        for layer, window in zip(layers, windows):
+            out = layer(hidden, attention_mask=keys.mask(window), position_ids=positions, use_cache=cache is not None,
                         position_embeddings=cos_sin, **{_layer_cache_kwarg(type(layer)): cache})
             hidden = out[0] if isinstance(out, tuple) else out
             if states is not None:
@@ -353,6 +389,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     layers = base.layers
     # three segments: text only below L, every row from L to K, text only again from K
     low, mid, top = layers[:insert_layer], layers[insert_layer:exit_layer], layers[exit_layer:]
+    windows = layer_windows(config, n_layers)
+    w_low, w_mid, w_top = windows[:insert_layer], windows[insert_layer:exit_layer], windows[exit_layer:]
     dtype = inputs_embeds.dtype
     record = {seg: ([] if output_hidden_states else None) for seg in ("low", "mid", "top")}
     weights = {seg: ([] if output_attentions else None) for seg in ("low", "mid", "top")}
@@ -368,37 +406,38 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         if vision_mask.any():
             raise GroundingError("vision rows can only be given in the first (prefill) call, not with a cache")
         positions = full_positions(attn, cache.next_position)
-        _check_sliding_window(config, int(cache.next_position.max()) + t)
         s_past = cache.key_masks["high"].shape[1]
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
         low_index = torch.cat([cache.low_index, rows + s_past], 1)
         cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in every segment
-        text_mask, full_mask = causal_key_mask(masks["low"], t, dtype), causal_key_mask(masks["high"], t, dtype)
-        hidden = _run_layers(low, inputs_embeds, text_mask, positions, base.rotary_emb, cache, cos_sin,
+        new_rows = rows + s_past
+        text_keys = _SegmentKeys(masks["low"], low_index, new_rows, dtype)
+        full_keys = _SegmentKeys(masks["high"], torch.arange(s_past + t, device=device).expand(b, -1), new_rows,
+                                 dtype)
+        hidden = _run_layers(low, inputs_embeds, text_keys, w_low, positions, base.rotary_emb, cache, cos_sin,
                              record["low"], weights["low"])
-        hidden = _run_layers(mid, hidden, full_mask, positions, base.rotary_emb, cache, cos_sin, record["mid"],
-                             weights["mid"])
-        hidden = _run_layers(top, hidden, text_mask, positions, base.rotary_emb, cache, cos_sin, record["top"],
-                             weights["top"])
+        hidden = _run_layers(mid, hidden, full_keys, w_mid, positions, base.rotary_emb, cache, cos_sin,
+                             record["mid"], weights["mid"])
+        hidden = _run_layers(top, hidden, text_keys, w_top, positions, base.rotary_emb, cache, cos_sin,
+                             record["top"], weights["top"])
         for seg in ("low", "top"):  # text-segment keys are a subset of the full sequence's rows
             if weights[seg]:
                 weights[seg] = [scatter_attention(w, rows, low_index, t, s_past + t) for w in weights[seg]]
     else:
         cache = GroundedCache(insert_layer, mode, exit_layer=exit_layer) if use_cache else None
         positions = full_positions(attn)
-        _check_sliding_window(config, t)
         text_segments = insert_layer > 0 or exit_layer < n_layers
         if text_segments and mode == "splice":
             index, valid = pack_rows(~vision_mask)
             low_keys, low_index = attn.gather(1, index) & valid, index
-            text_mask = causal_key_mask(low_keys, index.shape[1], dtype)
+            text_keys = _SegmentKeys(low_keys, index, index, dtype)
         elif text_segments:
             low_keys, low_index = attn & ~vision_mask, rows
-            text_mask = causal_key_mask(low_keys, t, dtype)
+            text_keys = _SegmentKeys(low_keys, rows, rows, dtype)
         else:
             low_keys, low_index = attn[:, :0], rows[:, :0]
 
-        def text_only(segment: str, stack: Any, full: torch.Tensor) -> torch.Tensor:
+        def text_only(segment: str, stack: Any, stack_windows: list[int | None], full: torch.Tensor) -> torch.Tensor:
             """Run ``stack`` on the text rows; vision rows keep their values in ``full`` (they wait, or have left)."""
             if not len(stack):
                 return full
@@ -406,8 +445,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
             if mode == "splice":  # the vision rows are absent: no compute spent on them
                 expand = index[..., None].expand(-1, -1, full.shape[-1])
                 waiting = full.gather(1, expand)
-                out = _run_layers(stack, waiting, text_mask, positions.gather(1, index), base.rotary_emb, cache,
-                                  None, states, maps)
+                out = _run_layers(stack, waiting, text_keys, stack_windows, positions.gather(1, index),
+                                  base.rotary_emb, cache, None, states, maps)
 
                 def place(s: torch.Tensor) -> torch.Tensor:
                     return scatter_rows(full, index, torch.where(valid[..., None], s, waiting))
@@ -416,7 +455,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                     weights[segment] = [scatter_attention(w * valid[:, None, :, None], index, index, t, t)
                                         for w in maps]
             else:  # present but unseen: text cannot attend to them, their own outputs are discarded
-                out = _run_layers(stack, full, text_mask, positions, base.rotary_emb, cache, None, states, maps)
+                out = _run_layers(stack, full, text_keys, stack_windows, positions, base.rotary_emb, cache, None,
+                                  states, maps)
 
                 def place(s: torch.Tensor) -> torch.Tensor:
                     return torch.where(vision_mask[..., None], full, s)
@@ -427,10 +467,10 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                 record[segment] = [place(s) for s in states]
             return place(out)
 
-        hidden = text_only("low", low, inputs_embeds)
-        hidden = _run_layers(mid, hidden, causal_key_mask(attn, t, dtype), positions, base.rotary_emb, cache,
-                             None, record["mid"], weights["mid"])
-        hidden = text_only("top", top, hidden)
+        hidden = text_only("low", low, w_low, inputs_embeds)
+        hidden = _run_layers(mid, hidden, _SegmentKeys(attn, rows, rows, dtype), w_mid, positions, base.rotary_emb,
+                             cache, None, record["mid"], weights["mid"])
+        hidden = text_only("top", top, w_top, hidden)
         masks = {"low": low_keys, "high": attn}
     if cache is not None:
         start = cache.next_position if cache.next_position is not None else 0

@@ -329,3 +329,77 @@ def test_bad_windows():
     cache = grounded_forward(m, embeds, vision, 1, attention_mask=attn, use_cache=True, exit_layer=2).cache
     with pytest.raises(GroundingError, match="exit_layer=2"):
         grounded_forward(m, embeds[:, :1], None, 1, cache=cache, exit_layer=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sliding windows shorter than the sequence
+
+
+def _sliding(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=3)
+    if kind == "mistral":  # every layer slides
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:  # Qwen2: layers from max_window_layers on slide, the others attend to everything
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=2))
+    return model.eval()
+
+
+@pytest.fixture(params=["mistral", "qwen2"], scope="module")
+def sliding(request):
+    return _sliding(request.param)
+
+
+def test_layer_windows_follow_the_config(sliding):
+    from pg_train.grounding import layer_windows
+
+    want = [3] * N_LAYERS if sliding.config.model_type == "mistral" else [None, None, 3, 3]
+    assert layer_windows(sliding.config, N_LAYERS) == want
+
+
+def test_sliding_window_at_insert_layer_zero_is_the_hf_model(sliding):
+    embeds, vision, attn = _batch(21)  # 12 rows, window 3
+    with torch.no_grad():
+        ours = grounded_forward(sliding, embeds, vision, 0, attention_mask=attn).logits
+        ref = sliding(inputs_embeds=embeds, attention_mask=attn, position_ids=full_positions(attn)).logits
+    keep = attn.bool()
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [(1, N_LAYERS), (2, 3), (0, 2)])
+def test_sliding_window_splice_equals_mask_and_cache_continues(sliding, window):
+    insert, exit_ = window
+    embeds, vision, attn = _batch(22)
+    kw = dict(exit_layer=exit_)
+    with torch.no_grad():
+        splice = grounded_forward(sliding, embeds, vision, insert, attention_mask=attn, mode="splice", **kw)
+        masked = grounded_forward(sliding, embeds, vision, insert, attention_mask=attn, mode="mask", **kw)
+        live = attn.bool()
+        torch.testing.assert_close(splice.logits[live], masked.logits[live], atol=1e-5, rtol=0)
+        cache = grounded_forward(sliding, embeds, vision, insert, attention_mask=attn, use_cache=True, **kw).cache
+        g = torch.Generator().manual_seed(4)
+        full_e, full_v, full_a = embeds, vision, attn
+        for _ in range(4):
+            step = torch.randn(3, 1, 32, generator=g)
+            out = grounded_forward(sliding, step, None, insert, cache=cache, use_cache=True, **kw)
+            full_e = torch.cat([full_e, step], 1)
+            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
+            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
+            ref = grounded_forward(sliding, full_e, full_v, insert, attention_mask=full_a, **kw).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+
+
+def test_the_window_matters():
+    m = _sliding("mistral")
+    embeds, vision, attn = _batch(23)
+    with torch.no_grad():
+        narrow = grounded_forward(m, embeds, vision, 1, attention_mask=attn).logits
+        m.config.sliding_window = 64  # wider than the sequence: every key in reach
+        wide = grounded_forward(m, embeds, vision, 1, attention_mask=attn).logits
+        m.config.sliding_window = 3
+    assert (narrow - wide)[attn.bool()].abs().max() > 1e-4
