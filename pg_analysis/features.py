@@ -127,7 +127,8 @@ class FeatureCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            feats = load(data_path.read_bytes())["features"]
+            blob = data_path.read_bytes()
+            feats = load(blob)["features"]
         except (OSError, json.JSONDecodeError, SafetensorError, KeyError, RuntimeError, ValueError) as e:
             log.warning("feature cache %s is unreadable (%s); recomputing", data_path.name, e)
             return None
@@ -135,7 +136,7 @@ class FeatureCache:
                 or list(feats.shape) != meta.get("shape") or not torch.isfinite(feats).all():
             log.warning("feature cache %s does not match its metadata; recomputing", data_path.name)
             return None
-        if meta.get("sha256") != hashlib.sha256(data_path.read_bytes()).hexdigest():
+        if meta.get("sha256") != hashlib.sha256(blob).hexdigest():
             log.warning("feature cache %s fails its checksum (changed on disk); recomputing", data_path.name)
             return None
         return feats

@@ -165,11 +165,6 @@ def knn_mask(x: Tensor, k: int) -> Tensor:
     return torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device).scatter_(1, idx, 1.0)
 
 
-def _center_gram(k: Tensor) -> Tensor:
-    """``H K H`` with ``H = I - 11ᵀ/n``."""
-    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
-
-
 def _centred(x: Tensor) -> Tensor:
     """``x`` minus its column means: ``gram(_centred(x)) = H·gram(x)·H`` without the cancellation of centring the
     Gram matrix (a float32 mean suffices: the metrics are shift-invariant, a residual offset of 1e-7 is harmless)."""

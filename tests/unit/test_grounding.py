@@ -54,6 +54,24 @@ def _batch(seed=0, d=32):
     return embeds, vision, attn
 
 
+def _check_cache_continues(model, embeds, vision, attn, insert, n_steps, seed, **kw):
+    """Decode ``n_steps`` random rows with the cache; each step's last logits equal a recompute of the whole
+    sequence. Returns the cache."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cache = grounded_forward(model, embeds, vision, insert, attention_mask=attn, use_cache=True, **kw).cache
+        full_e, full_v, full_a = embeds, vision, attn
+        for _ in range(n_steps):
+            step = torch.randn(embeds.shape[0], 1, embeds.shape[-1], generator=g)
+            out = grounded_forward(model, step, None, insert, cache=cache, use_cache=True, **kw)
+            full_e = torch.cat([full_e, step], 1)
+            full_v = torch.cat([full_v, torch.zeros(embeds.shape[0], 1, dtype=torch.bool)], 1)
+            full_a = torch.cat([full_a, torch.ones(embeds.shape[0], 1, dtype=torch.long)], 1)
+            ref = grounded_forward(model, full_e, full_v, insert, attention_mask=full_a, **kw).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    return cache
+
+
 def test_insert_layer_zero_is_the_ordinary_model(model):
     embeds, vision, attn = _batch()
     with torch.no_grad():
@@ -131,20 +149,8 @@ def test_low_layers_never_see_vision_rows():
 @pytest.mark.parametrize("mode", ["splice", "mask"])
 def test_cached_decoding_equals_recompute(model, layer, mode):
     embeds, vision, attn = _batch(5)
-    g = torch.Generator().manual_seed(9)
-    steps = [torch.randn(3, 1, 32, generator=g) for _ in range(10)]
-    with torch.no_grad():
-        out = grounded_forward(model, embeds, vision, layer, attention_mask=attn, use_cache=True, mode=mode)
-        cache = out.cache
-        assert isinstance(cache, GroundedCache)
-        full_e, full_v, full_a = embeds, vision, attn
-        for step in steps:
-            out = grounded_forward(model, step, None, layer, cache=cache, use_cache=True, mode=mode)
-            full_e = torch.cat([full_e, step], 1)
-            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
-            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
-            ref = grounded_forward(model, full_e, full_v, layer, attention_mask=full_a, mode=mode).logits[:, -1]
-            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    cache = _check_cache_continues(model, embeds, vision, attn, layer, 10, seed=9, mode=mode)
+    assert isinstance(cache, GroundedCache)
     lengths = cache.layer_lengths()
     if mode == "splice":
         t_text = int((~vision).sum(1).max())
@@ -300,22 +306,11 @@ def test_text_reads_vision_only_inside_the_window(window):
 def test_window_cached_decoding_equals_recompute(model, window, mode):
     insert, exit_ = window
     embeds, vision, attn = _batch(14)
-    g = torch.Generator().manual_seed(3)
-    steps = [torch.randn(3, 1, 32, generator=g) for _ in range(6)]
-    kw = dict(mode=mode, exit_layer=exit_)
-    with torch.no_grad():
-        cache = grounded_forward(model, embeds, vision, insert, attention_mask=attn, use_cache=True, **kw).cache
-        full_e, full_v, full_a = embeds, vision, attn
-        for step in steps:
-            out = grounded_forward(model, step, None, insert, cache=cache, use_cache=True, **kw)
-            full_e = torch.cat([full_e, step], 1)
-            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
-            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
-            ref = grounded_forward(model, full_e, full_v, insert, attention_mask=full_a, **kw).logits[:, -1]
-            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    steps = 6
+    cache = _check_cache_continues(model, embeds, vision, attn, insert, steps, seed=3, mode=mode, exit_layer=exit_)
     lengths = cache.layer_lengths()
-    t_all = 12 + len(steps)
-    t_text = int((~vision).sum(1).max()) + len(steps) if mode == "splice" else t_all
+    t_all = 12 + steps
+    t_text = int((~vision).sum(1).max()) + steps if mode == "splice" else t_all
     want = [t_text if not insert <= i < exit_ else t_all for i in range(N_LAYERS)]
     assert lengths == want  # the KV cache of layers >= K holds text rows only
 
@@ -381,17 +376,7 @@ def test_sliding_window_splice_equals_mask_and_cache_continues(sliding, window):
         masked = grounded_forward(sliding, embeds, vision, insert, attention_mask=attn, mode="mask", **kw)
         live = attn.bool()
         torch.testing.assert_close(splice.logits[live], masked.logits[live], atol=1e-5, rtol=0)
-        cache = grounded_forward(sliding, embeds, vision, insert, attention_mask=attn, use_cache=True, **kw).cache
-        g = torch.Generator().manual_seed(4)
-        full_e, full_v, full_a = embeds, vision, attn
-        for _ in range(4):
-            step = torch.randn(3, 1, 32, generator=g)
-            out = grounded_forward(sliding, step, None, insert, cache=cache, use_cache=True, **kw)
-            full_e = torch.cat([full_e, step], 1)
-            full_v = torch.cat([full_v, torch.zeros(3, 1, dtype=torch.bool)], 1)
-            full_a = torch.cat([full_a, torch.ones(3, 1, dtype=torch.long)], 1)
-            ref = grounded_forward(sliding, full_e, full_v, insert, attention_mask=full_a, **kw).logits[:, -1]
-            torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=0)
+    _check_cache_continues(sliding, embeds, vision, attn, insert, 4, seed=4, **kw)
 
 
 def test_the_window_matters():
