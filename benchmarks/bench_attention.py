@@ -4,7 +4,7 @@
     python benchmarks/bench_attention.py --layer 4 --batches 4 --precision fp32
 
 Builds the default ``pg-train`` model (DINOv2-S x SmolLM2-135M, offline assets) and its Tux Paint stage-2 batches
-(the same sampler as training: steps 40, 41, ...), then times ``forward + backward`` of each batch under every
+(the training pipeline's batches from step 40 on), then times ``forward + backward`` of each batch under every
 kernel in ``--kernels``, the first pass over the batches untimed (warm-up). Prints seconds per step (median over
 repeats of the mean over batches) and tokens/s. ``pg-train --attention auto`` uses eager on CPU because of this.
 """
@@ -21,9 +21,10 @@ import torch
 
 
 def main() -> None:
-    from pg_train.datasets import collate
-    from pg_train.trainer import TrainConfig, stage_batches, precision_context, prepare, set_trainable
-    from pg_train.vlm import use_attention
+    from pg_train.config import TrainConfig
+    from pg_train.params import set_trainable
+    from pg_train.trainer import Run, make_accelerator, step_inputs
+    from pg_train.vlm import precision_context, use_attention
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", type=int, default=0, help="insert layer L (default: %(default)s)")
@@ -34,16 +35,16 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(out_dir=tmp, layer=args.layer, progress=False)
-        prepared = prepare(cfg, Path(tmp))
-    model = prepared.vlm.model
-    set_trainable(model, 2, cfg.layer)
-    model.train()
-    device = next(model.parameters()).device
-    pad = prepared.vlm.tokenizer.pad_token_id
-    batches = [collate(exs, pad, prepared.features, flips)
-               for step in range(40, 40 + args.batches)
-               for exs, flips, _twins in stage_batches(cfg, prepared, 2, step, 1, 0)]
+        cfg = TrainConfig(out_dir=tmp, layer=args.layer, progress=False, report_to="none")
+        accelerator = make_accelerator(cfg)
+        run = Run(cfg, accelerator, Path(tmp))
+        model = run.vlm.model
+        set_trainable(model, 2, cfg.layer)
+        model.train()
+        device = next(model.parameters()).device
+        stream = run.batches(accelerator, 2, 40)  # the training order from step 40 on
+        batches = [step_inputs(run, next(stream), False, [False] * cfg.batch_size, 2, device)["inputs"]
+                   for _ in range(args.batches)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"L={args.layer}, {args.precision}, {len(batches)} batches of {cfg.batch_size}, "
           f"lengths {[b['input_ids'].shape[1] for b in batches]}, {torch.get_num_threads()} threads")
@@ -52,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for b in batches:
             with precision_context(args.precision, device):
-                out = model(**{k: v.to(device) for k, v in b.items()}, return_logits=False)
+                out = model(**b, return_logits=False)
             out.loss.backward()
             model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0

@@ -32,11 +32,13 @@ def parse_bool(value: str) -> bool:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                             rename: dict[str, str] | None = None,
-                            types: dict[str, Callable[[str], Any]] | None = None) -> None:
+                            types: dict[str, Callable[[str], Any]] | None = None, only_given: bool = False) -> None:
     """One ``--field-name`` flag per field of ``cls`` with help from its metadata (fields in ``skip`` left out).
 
     Booleans take an optional value (``--lora`` or ``--lora false``); ``int``/``float`` fields are typed;
-    ``rename`` maps a field to another flag, ``types`` overrides a field's argparse type.
+    ``rename`` maps a field to another flag, ``types`` overrides a field's argparse type. ``only_given``: the
+    parsed namespace holds only the flags given (so they can override a preset); the help still shows the field's
+    default.
     """
     rename, types = rename or {}, types or {}
     for f in dataclasses.fields(cls):
@@ -44,7 +46,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             continue
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with option(default, help)")
-        kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        help_text = f.metadata["help"]
+        if only_given:
+            help_text = help_text.replace("%(default)s", str(f.default).replace("%", "%%"))
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS if only_given else f.default, "help": help_text,
+                              "dest": f.name}
         if f.name in types:
             kw["type"] = types[f.name]
         elif f.type == "bool":

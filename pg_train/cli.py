@@ -87,14 +87,15 @@ def _layer(value: str) -> int | str:
 def train_parser() -> argparse.ArgumentParser:
     from pg_analysis.options import add_dataclass_arguments
 
-    from .trainer import TrainConfig
+    from .config import TrainConfig
 
     p = Parser(
         prog="pg-train",
         description="Train a grounded frozen-encoder VLM (vision rows enter the LM at layer L): stage 0 InfoNCE "
                     "warm-up, stage 1 projector, stage 2 projector + LM. Default: DINOv2-S x SmolLM2-135M on the "
                     "offline Tux Paint instruction data.")
-    add_dataclass_arguments(p, TrainConfig, skip=("progress",), rename={"out_dir": "--out"}, types={"layer": _layer})
+    add_dataclass_arguments(p, TrainConfig, skip=("progress",), rename={"out_dir": "--out"}, types={"layer": _layer},
+                            only_given=True)
     auto = p.add_argument_group("--layer auto")
     auto.add_argument("--recommendation", default="runs/recommend",
                       help="pg-recommend result folder: read if present, else written there (default: %(default)s)")
@@ -118,18 +119,19 @@ def _resolve_auto_layer(args: argparse.Namespace) -> dict:
 
 
 def _train_main(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, train
+    from .config import resolve_config
+    from .trainer import train
 
     fields = {k: v for k, v in vars(args).items()
               if k not in ("quiet", "verbose", "recommendation", "baseline", "align_result", "attnmap")}
-    if fields.get("system_prompt") == "default":
-        fields["system_prompt"] = None
     evidence = None
-    if fields["layer"] == "auto":
+    if fields.get("layer") == "auto":
         evidence = _resolve_auto_layer(args)
         fields["layer"] = evidence["recommended_layer"]
-    cfg = TrainConfig(**fields, progress=not args.quiet)
+    cfg = resolve_config({**fields, "progress": not args.quiet})
     summary = train(cfg, layer_evidence=evidence)
+    if not summary.get("main_process", True):  # one report per run, from the main process
+        return 0
     if summary.get("stopped_early"):
         print(f"stopped after --stop-after {cfg.stop_after} steps; continue with --resume")
         return 0
@@ -137,8 +139,10 @@ def _train_main(args: argparse.Namespace) -> int:
     for stage, t in th.items():
         tok = f", {t['tokens_per_s']:.0f} tokens/s" if t.get("tokens_per_s") else ""
         print(f"{stage}: {t['steps']} steps in {t['seconds']:.0f} s ({t['samples_per_s']:.1f} samples/s{tok})")
+    if summary.get("skipped_records"):
+        print(f"skipped {summary['skipped_records']} bad records (--on-bad-record skip; see the log)")
     print(f"run {summary['run_seconds']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB")
-    print(f"wrote {cfg.out_dir}/: model/ run.json log.jsonl loss.png summary.json data/ checkpoints/")
+    print(f"wrote {cfg.out_dir}/: model/ run.json recipe.json log.jsonl logs/ loss.png summary.json data/ checkpoints/")
     return 0
 
 

@@ -195,6 +195,22 @@ def _file_digest(paths: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
+def encoder_key(vlm: Any, mirror: bool = True) -> dict[str, Any]:
+    """Everything that determines an image's frozen-encoder features: the vision tower's config and a weights
+    checksum, the feature layer, selection and pooling, the image processor, and whether the mirror is kept."""
+    from pg_analysis.features import FEATURES_VERSION
+
+    model = vlm.model
+    tower = model.model.vision_tower
+    first = next(iter(tower.state_dict().values()))
+    key = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(), "weights": float(first.float().sum()),
+           "layer": model.config.vision_feature_layer, "select": model.config.vision_feature_select_strategy,
+           "pool": model.config.vision_pool, "processor": vlm.image_processor.to_dict(), "per_image": True}
+    if not mirror:
+        key["mirror"] = False
+    return key
+
+
 def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_size: int = 32,
                    progress: bool = True, mirror: bool = True) -> torch.Tensor:
     """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped);
@@ -208,19 +224,12 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
     from PIL import ImageOps
 
     from pg_analysis.data import open_image
-    from pg_analysis.features import FEATURES_VERSION, FeatureCache
+    from pg_analysis.features import FeatureCache
 
     if not paths:
         raise InputError("no images to encode: the records name no image files")
     model = vlm.model
-    tower = model.model.vision_tower
-    first = next(iter(tower.state_dict().values()))
-    base = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(),
-            "weights": float(first.float().sum()), "layer": model.config.vision_feature_layer,
-            "select": model.config.vision_feature_select_strategy, "pool": model.config.vision_pool,
-            "processor": vlm.image_processor.to_dict(), "per_image": True}
-    if not mirror:
-        base["mirror"] = False
+    base = encoder_key(vlm, mirror)
 
     def encode(chunk: list[str]) -> torch.Tensor:
         pil = [open_image(p) for p in chunk]

@@ -39,8 +39,8 @@ from .conversations import letter_token_ids
 from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
                        tokenize_records, without_image)
 from .grounding import CACHE_FIELD, GroundedCache
-from .trainer import CaptionStates, caption_targets, image_prefix, precision_context
-from .vlm import VLM, use_attention
+from .vlm import VLM, precision_context, use_attention
+from .warmup import CaptionStates, caption_targets, image_prefix
 
 CONTROLS = ("image", "no_image", "shuffled")
 
@@ -228,7 +228,7 @@ class Evaluator:
     @torch.no_grad()
     def option_targets(self) -> tuple[dict[str, int], CaptionStates]:
         """Every option's LM states at the insertion point, after the prompt text that precedes the image
-        (:func:`~pg_train.trainer.caption_targets`): ``(index by caption, CaptionStates)``.
+        (:func:`~pg_train.warmup.caption_targets`): ``(index by caption, CaptionStates)``.
         Computed once; the slot MCQ and the warm-up retrieval share it."""
         if self._option_targets is None:
             records = self._image_questions()
@@ -251,7 +251,7 @@ class Evaluator:
     @torch.no_grad()
     def warmup_retrieval(self) -> dict[str, Any]:
         """4-way MCQ answered by cosine between the image's mean projected row and each option's mean LM state at
-        the insertion point (:func:`~pg_train.trainer.caption_targets`): the stage-0 objective, on held-out images.
+        the insertion point (:func:`~pg_train.warmup.caption_targets`): the stage-0 objective, on held-out images.
         For a run trained with ``match_mean`` (and ``scale_match``) both sides are centred by the options' mean
         token state, as in its training objective."""
         records = self._image_questions()

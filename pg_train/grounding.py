@@ -273,10 +273,14 @@ def decoder_parts(model: Any) -> DecoderParts:
     return parts
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: ``logits [B, T, V]`` at ``t`` predict ``labels [B, T]`` at ``t+1``; -100 ignored."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits [B, T, V]`` at ``t`` predict ``labels [B, T]`` at ``t+1``; -100 ignored.
+    The mean over the supervised tokens, or with ``num_items_in_batch`` (transformers' convention for gradient
+    accumulation and several processes) their sum divided by that count."""
+    logits, labels = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / num_items_in_batch
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,7 +336,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                      cache: GroundedCache | None = None, use_cache: bool = False, mode: str = "splice",
                      logits_to_keep: int = 0, return_logits: bool = True, output_hidden_states: bool = False,
-                     output_attentions: bool = False, exit_layer: int | None = None) -> GroundedOutput:
+                     output_attentions: bool = False, exit_layer: int | None = None,
+                     num_items_in_batch: Any = None) -> GroundedOutput:
     """Run ``model`` with the rows marked by ``vision_mask`` entering at layer ``insert_layer``.
 
     Args:
@@ -346,6 +351,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         attention_mask: ``[B, T]`` 1 = attend, 0 = padding (left or right). With ``cache`` it covers the new rows
             only; the cache remembers the past.
         labels: ``[B, T]`` token ids, -100 = ignored; the usual shifted cross-entropy is returned as ``loss``.
+        num_items_in_batch: with ``labels``, the loss is the cross-entropy summed over the supervised tokens and
+            divided by this count (transformers' convention: the tokens of the whole optimizer step).
         cache: a :class:`GroundedCache` from a previous call (new rows must be text rows).
         use_cache: return a :class:`GroundedCache` in ``cache``.
         mode: ``"splice"`` (vision rows absent below L) or ``"mask"`` (present but masked; same text outputs).
@@ -491,9 +498,11 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     if labels is not None and not return_logits:
         predicts = labels[:, 1:] != -100  # row t predicts label t+1
         supervised = base.norm(hidden[:, :-1][predicts])
-        out.loss = torch.nn.functional.cross_entropy(lm_head(supervised).float(), labels[:, 1:][predicts])
+        ce = torch.nn.functional.cross_entropy(lm_head(supervised).float(), labels[:, 1:][predicts],
+                                               reduction="mean" if num_items_in_batch is None else "sum")
+        out.loss = ce if num_items_in_batch is None else ce / num_items_in_batch
         return out
     out.logits = lm_head(base.norm(hidden))
     if labels is not None:
-        out.loss = causal_lm_loss(out.logits, labels)
+        out.loss = causal_lm_loss(out.logits, labels, num_items_in_batch)
     return out

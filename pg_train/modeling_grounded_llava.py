@@ -229,7 +229,8 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int = 0, vision_features: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None, return_logits: bool = True,
-                past_key_values: GroundedCache | None = None, **kwargs: Any) -> GroundedLlavaOutput | tuple:
+                past_key_values: GroundedCache | None = None, num_items_in_batch: Any = None,
+                **kwargs: Any) -> GroundedLlavaOutput | tuple:
         """Shapes: ``input_ids [B, T]`` (image tokens expanded), ``pixel_values [n_images, 3, H, W]`` or
         ``vision_features [n_images, P, D_v]`` (cached :meth:`encode_images` output), ``attention_mask [B, T]``.
 
@@ -242,7 +243,9 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
         ``attention_mask`` may cover the whole sequence; vision inputs entered in the prefill. Positions are
         always derived from ``attention_mask`` (full-sequence positions for every row at every layer), so
         ``position_ids`` are not taken. ``return_logits=False`` with ``labels``: loss only, the head runs on
-        supervised rows only (training).
+        supervised rows only (training). ``num_items_in_batch`` (transformers' loss keyword): the loss is the summed
+        cross-entropy divided by it — the supervised tokens of the whole optimizer step over all micro-batches and
+        processes.
         """
         if past_key_values is not None:
             if cache is not None:
@@ -293,7 +296,7 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
                                use_cache=bool(use_cache), mode=config.grounding_mode,
                                logits_to_keep=logits_to_keep if labels is None else 0, return_logits=return_logits,
                                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                               exit_layer=config.exit_layer)
+                               exit_layer=config.exit_layer, num_items_in_batch=num_items_in_batch)
         result = GroundedLlavaOutput(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
                                      attentions=out.attentions, image_hidden_states=vision_embeds,
                                      **{CACHE_FIELD: out.cache})

@@ -30,8 +30,7 @@ from pg_analysis.runs import model_folder, read_run_record
 
 from .conversations import default_template, letter_token_ids
 from .datasets import LETTERS, Example, collate, image_features, mcq_record, tokenize_records
-from .trainer import precision_context
-from .vlm import VLM, load_vlm
+from .vlm import VLM, load_vlm, precision_context
 
 
 @dataclass

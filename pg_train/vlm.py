@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,21 @@ class VLM:
     def pixel_values(self, images: list) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """An HF folder: weights, config, modelling code, tokenizer, image processor. ``state_dict``: the full
+        weights when the model's own are sharded (FSDP, DeepSpeed ZeRO-3 gather them on the main process)."""
         folder = Path(folder)
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
 
 
 ATTENTION = ("auto", "eager", "sdpa")
+
+
+def precision_context(precision: str, device: torch.device):
+    """bf16 autocast on ``device`` for ``"bf16"``, nothing for ``"fp32"`` (training and evaluation alike)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def use_attention(model: Any, implementation: str = "auto") -> str:

@@ -12,33 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ["a", "an", "the", "red", "blue", "green", "cat", "dog", "car", "tree", "house", "big", "small", "of", "and",
-         "photo", "kangaroo", "wombat", "flower", "apple", ".", "A", "B", "C", "D", "What", "is", "this", "?"]
-
-
-def make_tokenizer(folder: Path, add_bos: bool = True):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    if add_bos:  # like LLaMA's tokenizer; without, like SmolLM2's (BOS defined, never added)
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    tok.save_pretrained(folder)
-    return tok
-
-
-def tiny_llama_config(**kw):
-    from transformers import LlamaConfig
-
-    base = dict(vocab_size=len(WORDS) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
-    base.update(kw)
-    return LlamaConfig(**base)
+from pg_train.synthetic import tiny_llama_config, write_tiny_models
 
 
 def vlm_batch(image_id: int, n_image_tokens: int, batch: int = 2, seed: int = 0):
@@ -62,30 +36,7 @@ def vlm_batch(image_id: int, n_image_tokens: int, batch: int = 2, seed: int = 0)
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folders: tiny ``clip``, ``dinov2``, ``vit`` vision encoders (8 px images) and a tiny ``llama`` LM."""
-    from transformers import (BitImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
-                              LlamaForCausalLM, ViTConfig, ViTModel)
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny_models")
-    proc = BitImageProcessorPil(do_resize=True, size={"height": 8, "width": 8}, do_center_crop=False,
-                                do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=8,
-                  patch_size=2)
-    out = {}
-    for name, model in {
-        "clip": CLIPVisionModel(CLIPVisionConfig(**common)),
-        "dinov2": Dinov2Model(Dinov2Config(**{k: v for k, v in common.items() if k != "intermediate_size"})),
-        "vit": ViTModel(ViTConfig(**common), add_pooling_layer=False),
-    }.items():
-        folder = root / name
-        model.save_pretrained(folder)
-        proc.save_pretrained(folder)
-        out[name] = folder
-    folder = root / "llama"
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
-    make_tokenizer(folder)
-    out["llama"] = folder
-    return out
+    return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 
 
 @pytest.fixture(scope="session")

@@ -177,14 +177,14 @@ def test_distillation_run_logs_its_term_on_image_steps_only(tiny_models, tiny_pa
 
 def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_nothing(tiny_models, tiny_pairs, tmp_path,
                                                                           monkeypatch):
-    import pg_train.trainer as trainer
+    import pg_train.losses as losses
 
     out = tmp_path / "interrupted"
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "info_nce", interrupt)  # Ctrl-C during stage 0
+    monkeypatch.setattr(losses, "info_nce", interrupt)  # Ctrl-C during stage 0
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_models, tiny_pairs, out))
     assert not out.exists()
@@ -197,18 +197,16 @@ def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_nothing(tiny_m
 
 
 def test_a_kill_while_saving_a_checkpoint_leaves_no_half_checkpoint(tiny_models, tiny_pairs, tmp_path, monkeypatch):
-    import pg_train.trainer as trainer
+    import pg_train.checkpoints as checkpoints
 
     out = tmp_path / "run"
     train(_cfg(tiny_models, tiny_pairs, out, stop_after=2))  # one complete checkpoint
     complete = latest_checkpoint(out)
-    real_save = trainer.save_weights
 
-    def killed(vlm, folder):
-        real_save(vlm, folder)
-        raise KeyboardInterrupt  # the signal lands after the weights, before the trainer state
+    def killed(path, data):
+        raise KeyboardInterrupt  # the signal lands after accelerate's state, before state.json
 
-    monkeypatch.setattr(trainer, "save_weights", killed)
+    monkeypatch.setattr(checkpoints, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_models, tiny_pairs, out, resume=True))
     assert latest_checkpoint(out) == complete

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pg_train.grounding import GroundedCache, GroundingError, causal_key_mask, full_positions, grounded_forward, pack_rows
-from tests.conftest import tiny_llama_config
+from pg_train.synthetic import tiny_llama_config
 
 N_LAYERS = 4
 

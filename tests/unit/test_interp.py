@@ -5,7 +5,7 @@ import torch
 
 from pg_analysis.errors import InputError
 from pg_analysis.interp import as_nnsight, as_transformer_lens, language_model_of
-from tests.conftest import make_tokenizer, tiny_llama_config
+from pg_train.synthetic import make_tokenizer, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_transformer_lens_prepends_bos_exactly_when_the_hf_tokenizer_does(lm_and
     from transformers import AutoTokenizer
 
     from pg_analysis.models import tokenizer_adds_bos
-    from tests.conftest import make_tokenizer
+    from pg_train.synthetic import make_tokenizer
 
     model, _, _, _ = lm_and_tok
     make_tokenizer(tmp_path, add_bos=adds_bos)

@@ -13,7 +13,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from pg_train.configuration_grounded_llava import GroundedLlavaConfig
 from pg_train.grounding import CACHE_FIELD, GroundedCache, GroundingError
 from pg_train.modeling_grounded_llava import GroundedLlavaForConditionalGeneration
-from tests.conftest import WORDS, tiny_llama_config, vlm_batch
+from pg_train.synthetic import WORDS, tiny_llama_config
+from tests.conftest import vlm_batch
 
 N = 4  # LM layers
 LAYERS = [0, 1, N // 2, N]

@@ -7,7 +7,9 @@ import torch
 
 from pg_analysis.errors import InputError
 from pg_train.datasets import build_tuxpaint_instructions, collate, load_llava_json
-from pg_train.trainer import TrainConfig, batch_indices, info_nce, lr_factor, set_trainable
+from pg_train.config import TrainConfig, load_recipe, resolve_config
+from pg_train.losses import info_nce
+from pg_train.params import set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +105,7 @@ def test_encoder_features_are_cached_per_image(tiny_models, tiny_pairs, tmp_path
         image_features(vlm, [], cache, progress=False)
 
 
-def test_schedule_batches_and_infonce():
-    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert lr_factor(100, 100, 10) == pytest.approx(0.0)
-    first = [batch_indices(10, 4, s, 0, 1) for s in range(5)]
-    flat = sum(first, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert first == [batch_indices(10, 4, s, 0, 1) for s in range(5)]
+def test_infonce():
     x = torch.randn(8, 16)
     assert info_nce(x, x, 0.07) < 0.01 < info_nce(x, torch.randn(8, 16), 0.07)
 
@@ -137,38 +133,61 @@ def test_each_stage_trains_only_its_parameters(tiny_models):
 
 
 def test_aux_loss_counts_each_image_once():
-    from types import SimpleNamespace
-
-    from pg_train.trainer import aux_loss, info_nce
+    from pg_train.losses import Objective
 
     torch.manual_seed(0)
-    mean = torch.randn(8)
-    prepared = SimpleNamespace(caption_targets=torch.randn(3, 8), states=SimpleNamespace(token_mean=mean))
-    model = SimpleNamespace(project=lambda f: f)  # identity projector: the features are the rows
-    cfg = TrainConfig(tau=0.1)
-    exs = [SimpleNamespace(image=i) for i in (0, 1, -1, 0, 2)]  # a text-only example and a repeated picture
+    mean, targets = torch.randn(8), torch.randn(3, 8)
+    model = torch.nn.Module()
+    model.project = lambda f: f  # identity projector: the features are the rows
+    objective = Objective(model, tau=0.1, aux_weight=1.0, targets=targets, token_mean=mean)
+    rows = torch.tensor([0, 1, 0, 2])  # a repeated picture (the text-only example has no row)
     feats = torch.randn(4, 2, 8)  # one block of rows per example with an image, in batch order
-    got = aux_loss(cfg, prepared, model, exs, feats, torch.device("cpu"))
-    # match_mean (the default): the pooled rows are centred by the LM's mean token state, like the targets
-    want = info_nce(feats[[0, 1, 3]].mean(1) - mean, prepared.caption_targets[[0, 1, 2]], 0.1)
-    assert torch.allclose(got, want)
-    got = aux_loss(TrainConfig(tau=0.1, match_mean=False), prepared, model, exs, feats, torch.device("cpu"))
-    assert torch.allclose(got, info_nce(feats[[0, 1, 3]].mean(1), prepared.caption_targets[[0, 1, 2]], 0.1))
-    same = [SimpleNamespace(image=1), SimpleNamespace(image=1)]
-    assert float(aux_loss(cfg, prepared, model, same, feats[:2], torch.device("cpu"))) == 0.0
+    # centred (match_mean, the default): the pooled rows lose the LM's mean token state, like the targets
+    want = info_nce(feats[[0, 1, 3]].mean(1) - mean, targets[[0, 1, 2]], 0.1)
+    assert torch.allclose(objective._aux(feats, rows), want)
+    plain = Objective(model, tau=0.1, aux_weight=1.0, targets=targets)
+    assert torch.allclose(plain._aux(feats, rows), info_nce(feats[[0, 1, 3]].mean(1), targets[[0, 1, 2]], 0.1))
+    assert float(objective._aux(feats[:2], torch.tensor([1, 1]))) == 0.0
 
 
-def test_stage1_runs_by_default_only_with_stage1_data():
-    assert TrainConfig().stage1_steps == 0  # built data: stage 1 would undo the warm-up (docs/recipe.md)
-    assert TrainConfig(data="llava", stage1_data="s1.json").stage1_steps == 100
-    assert TrainConfig(data="llava", stage1_data="s1.json", stage1_steps=0).stage1_steps == 0
+def test_stage_lengths_from_steps_epochs_and_the_cap():
+    assert TrainConfig().stage_steps(1, 500) == 0  # built data: stage 1 would undo the warm-up (docs/recipe.md)
+    assert TrainConfig(data="llava", stage1_data="s1.json").stage_steps(1, 500) == 100
+    assert TrainConfig(data="llava", stage1_data="s1.json", stage1_steps=0).stage_steps(1, 500) == 0
+    epochs = TrainConfig(stage2_steps=None, stage2_epochs=1.5, batch_size=32, max_steps=None)
+    assert epochs.stage_steps(2, 1000) == 47  # ceil(1.5 * 1000 / 32)
+    assert TrainConfig(max_steps=5).stage_steps(2, 1000) == 5
+    assert TrainConfig().stage_steps(2, 0) == 0
     with pytest.raises(InputError, match="stage1_steps"):
         TrainConfig(stage1_steps=-1)
+    with pytest.raises(InputError, match="not divisible"):
+        TrainConfig(batch_size=10, grad_accum=4)
+
+
+def test_recipes_are_files_the_flags_override(tmp_path):
+    # the built-in offline recipe is exactly the defaults
+    assert resolve_config({}) == TrainConfig()
+    llava = resolve_config({"recipe": "llava15", "stage2_data": "mix.json"})
+    assert (llava.batch_size, llava.stage1_batch_size, llava.stage2_lr, llava.stage1_lr) == (128, 256, 2e-5, 1e-3)
+    assert llava.stage2_epochs == 1 and llava.gradient_checkpointing and llava.max_length == 2048
+    assert llava.template == "vicuna_v1" and llava.system_prompt is None and llava.store is None
+    assert not llava.uses_warmup_features and not llava.uses_twins
+    assert resolve_config({"recipe": "llava15", "stage2_data": "m.json", "batch_size": 64}).batch_size == 64
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"options": {"stage2_steps": 7, "lora": True}}))
+    assert resolve_config({"recipe": str(mine)}).stage2_steps == 7
+    mine.write_text(json.dumps({"options": {"stage2_stepz": 7}}))
+    with pytest.raises(InputError, match="unknown options stage2_stepz"):
+        load_recipe(str(mine))
+    with pytest.raises(InputError, match="neither a built-in"):
+        load_recipe("llava16")
+    with pytest.raises(InputError, match="feature-store"):
+        TrainConfig(feature_store="none")  # the warm-up reads every image's features
 
 
 @pytest.mark.parametrize("match_mean", [False, True])
 def test_scale_matching_gives_the_rows_the_lm_statistics(tiny_models, match_mean):
-    from pg_train.trainer import match_scale, caption_targets
+    from pg_train.warmup import caption_targets, match_scale
     from pg_train.vlm import build_vlm
 
     vlm = build_vlm(str(tiny_models["dinov2"]), str(tiny_models["llama"]), insert_layer=2, vision_pool=2)
@@ -188,7 +207,7 @@ def test_scale_matching_gives_the_rows_the_lm_statistics(tiny_models, match_mean
 
 
 def test_text_twin_distillation_parts():
-    from pg_train.trainer import common_suffix_length, distill_layer_indices, state_match_loss, suffix_rows
+    from pg_train.losses import common_suffix_length, distill_layer_indices, state_match_loss, suffix_rows
 
     assert common_suffix_length([1, 9, 9, 5, 6, 7], [1, 3, 5, 6, 7]) == 3
     assert common_suffix_length([1, 2], [3, 4]) == 0 and common_suffix_length([4], [4]) == 1

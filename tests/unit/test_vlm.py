@@ -8,7 +8,8 @@ from pg_train.configuration_grounded_llava import GroundedLlavaConfig
 from pg_train.grounding import GroundingError
 from pg_train.modeling_grounded_llava import pool_patch_grid
 from pg_train.vlm import build_vlm, load_vlm
-from tests.conftest import tiny_llama_config, vlm_batch
+from pg_train.synthetic import tiny_llama_config
+from tests.conftest import vlm_batch
 
 N_LAYERS = 3  # tiny_llama_config
 
