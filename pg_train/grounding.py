@@ -60,7 +60,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 #: ``config.model_type`` of decoders whose layers share LLaMA's call signature (rotary embeddings passed in); each
 #: is tested equal to its HF model at L = 0 and splice equal to mask at L > 0.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 MODES = ("splice", "mask")
 
@@ -268,6 +268,9 @@ def decoder_parts(model: Any) -> DecoderParts:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise GroundingError(f"grounded_forward supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, "
                              f"not model_type {model_type!r}")
+    if getattr(parts.config, "use_bidirectional_attention", False):
+        raise GroundingError(f"{type(model).__name__} attends bidirectionally (an embedding model): grounding "
+                             "needs a causal decoder")
     if parts.model is None or not hasattr(parts.model, "layers") or parts.lm_head is None:
         raise GroundingError(f"{type(model).__name__}: expected a *ForCausalLM with .model.layers and .lm_head")
     return parts
@@ -312,20 +315,34 @@ def _attention_weights(layers: Any, sink: list | None) -> Iterator[None]:
             h.remove()
 
 
+def layer_rotary_types(config: Any, rotary: Any, n_layers: int) -> list[str | None]:
+    """Which rotary embedding each decoder layer takes: the layer's type where the model's rotary embedding is
+    per layer type (Gemma 3: local sliding layers and global layers have their own bases), else None (one for all)."""
+    if "layer_type" not in inspect.signature(type(rotary).forward).parameters:
+        return [None] * n_layers
+    return list(config.layer_types[:n_layers])
+
+
+def rotary_embeddings(rotary: Any, x: torch.Tensor, positions: torch.Tensor,
+                      types: list[str | None]) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    """``(cos, sin)`` at ``positions`` for each rotary type in ``types``."""
+    return {kind: rotary(x, positions) if kind is None else rotary(x, positions, kind) for kind in set(types)}
+
+
 def _run_layers(layers: Any, hidden: torch.Tensor, keys: _SegmentKeys, windows: list[int | None],
-                positions: torch.Tensor, rotary: Any, cache: GroundedCache | None,
-                cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, states: list | None = None,
-                weights: list | None = None) -> torch.Tensor:
-    """Run ``layers`` in order, each with the mask of its own window; append each output to ``states`` and each
-    attention map to ``weights``."""
+                types: list[str | None], positions: torch.Tensor, rotary: Any, cache: GroundedCache | None,
+                cos_sin: dict[str | None, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                states: list | None = None, weights: list | None = None) -> torch.Tensor:
+    """Run ``layers`` in order, each with the mask of its own window and its own rotary type; append each output
+    to ``states`` and each attention map to ``weights``."""
     if not len(layers):
         return hidden
     if cos_sin is None:
-        cos_sin = rotary(hidden, position_ids=positions)
+        cos_sin = rotary_embeddings(rotary, hidden, positions, types)
     with _attention_weights(layers, weights):
-        for layer, window in zip(layers, windows):
+        for layer, window, kind in zip(layers, windows, types):
             out = layer(hidden, attention_mask=keys.mask(window), position_ids=positions, use_cache=cache is not None,
-                        position_embeddings=cos_sin, **{_layer_cache_kwarg(type(layer)): cache})
+                        position_embeddings=cos_sin[kind], **{_layer_cache_kwarg(type(layer)): cache})
             hidden = out[0] if isinstance(out, tuple) else out
             if states is not None:
                 states.append(hidden)
@@ -398,6 +415,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     low, mid, top = layers[:insert_layer], layers[insert_layer:exit_layer], layers[exit_layer:]
     windows = layer_windows(config, n_layers)
     w_low, w_mid, w_top = windows[:insert_layer], windows[insert_layer:exit_layer], windows[exit_layer:]
+    types = layer_rotary_types(config, base.rotary_emb, n_layers)
+    r_low, r_mid, r_top = types[:insert_layer], types[insert_layer:exit_layer], types[exit_layer:]
     dtype = inputs_embeds.dtype
     record = {seg: ([] if output_hidden_states else None) for seg in ("low", "mid", "top")}
     weights = {seg: ([] if output_attentions else None) for seg in ("low", "mid", "top")}
@@ -416,16 +435,16 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         s_past = cache.key_masks["high"].shape[1]
         masks = {seg: torch.cat([cache.key_masks[seg], attn], 1) for seg in ("low", "high")}
         low_index = torch.cat([cache.low_index, rows + s_past], 1)
-        cos_sin = base.rotary_emb(inputs_embeds, position_ids=positions)  # the same rows in every segment
+        cos_sin = rotary_embeddings(base.rotary_emb, inputs_embeds, positions, types)  # the same rows everywhere
         new_rows = rows + s_past
         text_keys = _SegmentKeys(masks["low"], low_index, new_rows, dtype)
         full_keys = _SegmentKeys(masks["high"], torch.arange(s_past + t, device=device).expand(b, -1), new_rows,
                                  dtype)
-        hidden = _run_layers(low, inputs_embeds, text_keys, w_low, positions, base.rotary_emb, cache, cos_sin,
-                             record["low"], weights["low"])
-        hidden = _run_layers(mid, hidden, full_keys, w_mid, positions, base.rotary_emb, cache, cos_sin,
+        hidden = _run_layers(low, inputs_embeds, text_keys, w_low, r_low, positions, base.rotary_emb, cache,
+                             cos_sin, record["low"], weights["low"])
+        hidden = _run_layers(mid, hidden, full_keys, w_mid, r_mid, positions, base.rotary_emb, cache, cos_sin,
                              record["mid"], weights["mid"])
-        hidden = _run_layers(top, hidden, text_keys, w_top, positions, base.rotary_emb, cache, cos_sin,
+        hidden = _run_layers(top, hidden, text_keys, w_top, r_top, positions, base.rotary_emb, cache, cos_sin,
                              record["top"], weights["top"])
         for seg in ("low", "top"):  # text-segment keys are a subset of the full sequence's rows
             if weights[seg]:
@@ -444,7 +463,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         else:
             low_keys, low_index = attn[:, :0], rows[:, :0]
 
-        def text_only(segment: str, stack: Any, stack_windows: list[int | None], full: torch.Tensor) -> torch.Tensor:
+        def text_only(segment: str, stack: Any, stack_windows: list[int | None], stack_types: list[str | None],
+                      full: torch.Tensor) -> torch.Tensor:
             """Run ``stack`` on the text rows; vision rows keep their values in ``full`` (they wait, or have left)."""
             if not len(stack):
                 return full
@@ -452,7 +472,7 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
             if mode == "splice":  # the vision rows are absent: no compute spent on them
                 expand = index[..., None].expand(-1, -1, full.shape[-1])
                 waiting = full.gather(1, expand)
-                out = _run_layers(stack, waiting, text_keys, stack_windows, positions.gather(1, index),
+                out = _run_layers(stack, waiting, text_keys, stack_windows, stack_types, positions.gather(1, index),
                                   base.rotary_emb, cache, None, states, maps)
 
                 def place(s: torch.Tensor) -> torch.Tensor:
@@ -462,8 +482,8 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                     weights[segment] = [scatter_attention(w * valid[:, None, :, None], index, index, t, t)
                                         for w in maps]
             else:  # present but unseen: text cannot attend to them, their own outputs are discarded
-                out = _run_layers(stack, full, text_keys, stack_windows, positions, base.rotary_emb, cache, None,
-                                  states, maps)
+                out = _run_layers(stack, full, text_keys, stack_windows, stack_types, positions, base.rotary_emb,
+                                  cache, None, states, maps)
 
                 def place(s: torch.Tensor) -> torch.Tensor:
                     return torch.where(vision_mask[..., None], full, s)
@@ -474,10 +494,10 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
                 record[segment] = [place(s) for s in states]
             return place(out)
 
-        hidden = text_only("low", low, w_low, inputs_embeds)
-        hidden = _run_layers(mid, hidden, _SegmentKeys(attn, rows, rows, dtype), w_mid, positions, base.rotary_emb,
-                             cache, None, record["mid"], weights["mid"])
-        hidden = text_only("top", top, w_top, hidden)
+        hidden = text_only("low", low, w_low, r_low, inputs_embeds)
+        hidden = _run_layers(mid, hidden, _SegmentKeys(attn, rows, rows, dtype), w_mid, r_mid, positions,
+                             base.rotary_emb, cache, None, record["mid"], weights["mid"])
+        hidden = text_only("top", top, w_top, r_top, hidden)
         masks = {"low": low_keys, "high": attn}
     if cache is not None:
         start = cache.next_position if cache.next_position is not None else 0
@@ -490,6 +510,12 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
         hidden_states = (*hidden_states[:-1], base.norm(hidden_states[-1]))  # HF: the last one after the norm
     if output_attentions:  # padding queries attend nowhere
         attentions = tuple(w * attn[:, None, :, None] for w in (*weights["low"], *weights["mid"], *weights["top"]))
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def head(x: torch.Tensor) -> torch.Tensor:  # the LM head, with the final soft cap where the family has one
+        logits = lm_head(x)
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
     if logits_to_keep:
         if labels is not None:
             raise GroundingError("logits_to_keep cannot be combined with labels")
@@ -498,11 +524,11 @@ def grounded_forward(model: Any, inputs_embeds: torch.Tensor, vision_mask: torch
     if labels is not None and not return_logits:
         predicts = labels[:, 1:] != -100  # row t predicts label t+1
         supervised = base.norm(hidden[:, :-1][predicts])
-        ce = torch.nn.functional.cross_entropy(lm_head(supervised).float(), labels[:, 1:][predicts],
+        ce = torch.nn.functional.cross_entropy(head(supervised).float(), labels[:, 1:][predicts],
                                                reduction="mean" if num_items_in_batch is None else "sum")
         out.loss = ce if num_items_in_batch is None else ce / num_items_in_batch
         return out
-    out.logits = lm_head(base.norm(hidden))
+    out.logits = head(base.norm(hidden))
     if labels is not None:
         out.loss = causal_lm_loss(out.logits, labels, num_items_in_batch)
     return out

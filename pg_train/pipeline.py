@@ -233,11 +233,18 @@ def keep_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class EpochSampler(Sampler):
-    """transformers' ``LengthGroupedSampler`` over ``lengths``, its generator seeded by ``(seed, stage, epoch)``:
-    ``set_epoch`` (called by accelerate's DataLoader) picks the epoch."""
+    """Length-grouped batches in random order, seeded by ``(seed, stage, epoch)`` (``set_epoch``, called by
+    accelerate's DataLoader, picks the epoch).
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, stage: int):
+    transformers' ``get_length_grouped_indices`` (what its ``LengthGroupedSampler`` yields) sorts the samples of each
+    mega-batch of ``group`` batches by length, longest first; its batches then come in that sorted order. Here the
+    full batches are dealt in a seeded random order instead (the longest still first, so memory peaks at once):
+    sorted order would run every mega-batch from its longest to its shortest records — on the offline data, ~25
+    multiple-choice steps, then ~7 captioning steps, every cycle, the last steps of a run all of one kind."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, stage: int, group: int | None = None):
         self.lengths, self.batch_size, self.seed, self.stage, self.epoch = lengths, batch_size, seed, stage, 0
+        self.group = group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -246,8 +253,13 @@ class EpochSampler(Sampler):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+        from transformers.trainer_pt_utils import get_length_grouped_indices
 
         seed = int(np.random.SeedSequence([self.seed, self.stage, self.epoch]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
-        return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths.tolist(), generator=generator))
+        order = get_length_grouped_indices(self.lengths.tolist(), self.batch_size, mega_batch_mult=self.group,
+                                           generator=generator)
+        b = self.batch_size
+        full = len(order) // b
+        deal = [0] + (1 + torch.randperm(full - 1, generator=generator)).tolist() if full > 1 else list(range(full))
+        return iter([i for k in deal for i in order[k * b:(k + 1) * b]] + order[full * b:])

@@ -234,7 +234,8 @@ class Run:
         micro = cfg.micro_batch(stage)
         loader = accelerator.prepare(torch.utils.data.DataLoader(
             self.datasets[stage], batch_size=micro, drop_last=True, collate_fn=keep_items,
-            sampler=EpochSampler(self.index[stage].lengths, micro, cfg.seed, stage), num_workers=cfg.num_workers))
+            sampler=EpochSampler(self.index[stage].lengths, micro, cfg.seed, stage, cfg.length_group),
+            num_workers=cfg.num_workers))
         epoch, offset = divmod(first_step * cfg.grad_accum, len(self.datasets[stage]) // micro)
         while True:
             loader.set_epoch(epoch)
@@ -331,6 +332,9 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         if micro % accelerator.num_processes:
             raise InputError(f"the stage-{stage} micro-batch ({cfg.global_batch(stage)} examples / --grad-accum "
                              f"{cfg.grad_accum}) does not split over {accelerator.num_processes} processes")
+    if cfg.lora and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise InputError("--lora is merged into the saved model on one process or under DDP; with FSDP or DeepSpeed "
+                         "train the full layers >= L")
     created = not out_dir.exists()
     accelerator.wait_for_everyone()  # every process has looked before the main one creates anything
     try:

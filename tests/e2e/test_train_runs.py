@@ -228,3 +228,37 @@ def test_a_window_run_trains_saves_and_evaluates(tiny_models, tiny_pairs, tmp_pa
     common = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]), "--quiet"]
     assert train_cli(["--layer", "2", "--exit-layer", "1", "--out", str(tmp_path / "bad"), *common]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_llava_data_bad_records_fail_or_skip_and_other_bad_launches(tiny_models, tmp_path, capsys):
+    from pg_train.cli import train_cli
+    from pg_train.synthetic import write_llava_data
+
+    data = write_llava_data(tmp_path / "data", 24, n_images=6, text_only_frac=0.0)
+    lines = (tmp_path / "data" / "stage2.jsonl").read_text().splitlines()
+    broken = json.loads(lines[3])
+    broken["image"] = "images/gone.png"
+    (tmp_path / "data" / "stage2.jsonl").write_text("\n".join(lines[:3] + [json.dumps(broken)] + lines[4:]) + "\n")
+    common = ["--recipe", "llava15", "--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]),
+              "--vision-pool", "2", "--stage2-data", data["stage2"], "--image-root", data["image_root"],
+              "--stage2-steps", "3", "--batch-size", "8", "--max-length", "96", "--template", "vicuna_v1",
+              "--precision", "fp32", "--report-to", "none", "--cache-dir", str(tmp_path / "cache"),
+              "--gradient-checkpointing", "false", "--num-workers", "1", "--quiet"]
+    # 24 records, batches of 8: 3 steps read every record once, the broken one included
+    assert train_cli([*common, "--out", str(tmp_path / "fail")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gone.png not found" in err[0] and "--on-bad-record skip" in err[0]
+    assert not (tmp_path / "fail").exists()  # nothing half-written: no checkpoint was reached
+    assert train_cli([*common, "--out", str(tmp_path / "skip"), "--on-bad-record", "skip"]) == 0
+    assert "skipped 1 bad records" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_records"] == 1 and (tmp_path / "skip" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "skip" / "recipe.json").read_text())["options"]["stage2_lr"] == 2e-5
+    # resuming with another recipe, an empty data file, a global batch the accumulation does not divide
+    assert train_cli([*common[2:], "--out", str(tmp_path / "skip"), "--on-bad-record", "skip", "--resume"]) == 2
+    assert "options differ" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert train_cli([*common, "--stage2-data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "e")]) == 2
+    assert "holds no records" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert train_cli([*common, "--grad-accum", "3", "--out", str(tmp_path / "g")]) == 2
+    assert "not divisible by --grad-accum" in capsys.readouterr().err

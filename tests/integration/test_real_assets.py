@@ -15,8 +15,54 @@ pytestmark = pytest.mark.assets
 
 @pytest.fixture(scope="module")
 def ready():
-    for name in assets.ASSETS:
+    for name in assets.DEFAULT_ASSETS:
         assets.ensure_asset(name)
+
+
+@pytest.fixture(scope="module")
+def gemma3(ready):
+    """The real Gemma-3-270M (an optional asset: fetched and converted here the first time, ~2 min)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = assets.ensure_asset("llm-gemma3")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_real_gemma3_runs_grounded(gemma3):
+    """Interleaved local (sliding, own rotary base) and global layers: L = 0 is the plain model; at L = 6 splice
+    equals mask; text rows never read vision rows below L."""
+    import torch
+
+    from pg_train.grounding import full_positions, grounded_forward
+
+    model, tok = gemma3
+    assert model.config.model_type == "gemma3_text" and len(set(model.config.layer_types)) == 2
+    tok.padding_side = "left"
+    batch = tok(["The capital of France is", "A red kangaroo eats grass in the"], return_tensors="pt",
+                padding=True)
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    attn = batch.attention_mask
+    with torch.no_grad():
+        ours = grounded_forward(model, embeds, None, 0, attention_mask=attn).logits
+        ref = model(inputs_embeds=embeds, attention_mask=attn, position_ids=full_positions(attn)).logits
+        keep = attn.bool()
+        assert float((ours - ref)[keep].abs().max()) <= 1e-5 * float(ref[keep].abs().max())  # measured: 0.0
+        assert torch.equal(ours[keep].argmax(-1), ref[keep].argmax(-1))
+        vision = torch.zeros_like(attn, dtype=torch.bool)
+        vision[:, -3:-1] = True  # two rows stand in for vision rows
+        splice = grounded_forward(model, embeds, vision, 6, attention_mask=attn).logits
+        mask = grounded_forward(model, embeds, vision, 6, attention_mask=attn, mode="mask").logits
+        text = keep & ~vision
+        assert float((splice - mask)[text].abs().max()) < 1e-3 * float(mask[text].abs().max())
+
+
+def test_pg_align_with_gemma3_as_the_lm(gemma3, tmp_path):
+    result = run_align(AlignConfig(llm="gemma3-270m", n=48, k=5, null=2, cache_dir=str(tmp_path / "features")),
+                       progress=False)
+    assert result.grid.shape == (13, 19)  # DINOv2-S emb + 12 blocks × Gemma-3-270M emb + 18 blocks
+    assert np.isfinite(result.grid[1:]).all() and result.best["score"] > 0
 
 
 def test_onnx_to_dinov2_matches_onnxruntime(ready):

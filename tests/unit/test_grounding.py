@@ -1,4 +1,5 @@
-"""grounded_forward on tiny random Llama and Qwen2 models (fp32)."""
+"""grounded_forward on tiny random Llama, Qwen2, Qwen3, Phi-3 and Gemma 3 models (fp32); sliding windows on
+Mistral, Qwen2 and Gemma 3."""
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ def _model(kind: str):
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8))
+    elif kind == "gemma3":  # local and global layers with their own rotary bases; embeddings scaled; a logit cap
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=64,
+                                                   layer_types=["sliding_attention", "full_attention"] * 2,
+                                                   final_logit_softcapping=5.0))
     elif kind == "phi3":
         from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -34,7 +41,7 @@ def _model(kind: str):
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "qwen2", "qwen3", "phi3"], scope="module")
+@pytest.fixture(params=["llama", "qwen2", "qwen3", "phi3", "gemma3"], scope="module")
 def model(request):
     return _model(request.param)
 
@@ -106,6 +113,8 @@ def test_insert_at_last_layer_text_rows_are_text_only_model_with_true_positions(
             # vision rows reach only the final norm and the head
             vrows = vision[b].nonzero().squeeze(1)
             direct = model.lm_head(model.model.norm(embeds[b, vrows]))
+            cap = getattr(model.config, "final_logit_softcapping", None)
+            direct = torch.tanh(direct / cap) * cap if cap else direct  # Gemma's logit cap
             torch.testing.assert_close(out[b, vrows], direct, atol=1e-5, rtol=0)
 
 
@@ -338,6 +347,12 @@ def _sliding(kind: str):
         from transformers import MistralConfig, MistralForCausalLM
 
         model = MistralForCausalLM(MistralConfig(**common))
+    elif kind == "gemma3":  # local sliding layers and global layers, each with its own rotary base
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8,
+                                                   layer_types=["sliding_attention"] * 2 + ["full_attention",
+                                                                                            "sliding_attention"]))
     else:  # Qwen2: layers from max_window_layers on slide, the others attend to everything
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -345,7 +360,7 @@ def _sliding(kind: str):
     return model.eval()
 
 
-@pytest.fixture(params=["mistral", "qwen2"], scope="module")
+@pytest.fixture(params=["mistral", "qwen2", "gemma3"], scope="module")
 def sliding(request):
     return _sliding(request.param)
 
@@ -353,7 +368,8 @@ def sliding(request):
 def test_layer_windows_follow_the_config(sliding):
     from pg_train.grounding import layer_windows
 
-    want = [3] * N_LAYERS if sliding.config.model_type == "mistral" else [None, None, 3, 3]
+    want = {"mistral": [3] * N_LAYERS, "qwen2": [None, None, 3, 3],
+            "gemma3_text": [3, 3, None, 3]}[sliding.config.model_type]
     assert layer_windows(sliding.config, N_LAYERS) == want
 
 

@@ -79,16 +79,21 @@ def test_bad_records_come_back_as_one_line_errors(tiny_models, tiny_pairs, tmp_p
     torch.testing.assert_close(items[0]["image"], vlm.pixel_values([open_image(img)])[0])  # as evaluation reads it
 
 
-def test_the_sampler_groups_by_length_and_is_a_function_of_the_epoch():
-    lengths = np.array([5, 100, 7, 98, 6, 97, 8, 99] * 8)
+def test_the_sampler_groups_by_length_in_random_order_as_a_function_of_the_epoch():
+    lengths = np.array([5, 100, 7, 98, 6, 97, 8, 99] * 8 + [50])  # 65 records: the last batch is partial
     s = EpochSampler(lengths, 4, seed=0, stage=2)
     first = list(s)
-    assert sorted(first) == list(range(64)) and first == list(s)  # a permutation, the same when asked again
+    assert sorted(first) == list(range(65)) and first == list(s)  # a permutation, the same when asked again
     s.set_epoch(1)
     assert list(s) != first
     batches = [first[i:i + 4] for i in range(0, 64, 4)]
     spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
     assert spread < 40  # long with long, short with short (random batches: ~90)
+    assert lengths[batches[0]].max() == 100  # the longest batch first
+    longs = [lengths[b].min() > 50 for b in batches]
+    assert longs != sorted(longs, reverse=True)  # not all long batches, then all short ones
+    grouped = EpochSampler(lengths, 4, seed=0, stage=2, group=2)  # mega-batches of 2 batches
+    assert sorted(grouped) == list(range(65)) and list(grouped) != first
 
 
 def test_the_feature_store_is_built_once_and_memory_mapped(tiny_models, tiny_pairs, tmp_path):

@@ -219,3 +219,18 @@ def test_text_twin_distillation_parts():
     assert distill_layer_indices(0, 30, 4) == [7, 14, 21, 29]
     assert distill_layer_indices(4, 30, 2) == [16, 29] and distill_layer_indices(28, 30, 4) == [28, 29]
     assert distill_layer_indices(30, 30, 4) == []
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
+                                        ("zero3", "DEEPSPEED")])
+def test_the_shipped_launch_configs_load_in_accelerate(name, kind):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[2] / "scripts" / "launch" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes >= 2
+    if name == "fsdp":  # frozen and trained parameters in one model
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
