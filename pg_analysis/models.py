@@ -201,14 +201,17 @@ def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
     return VisionAdapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
 
 
-def _load_lm(entry: ModelEntry, runtime: Runtime, with_head: bool) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _load_lm(entry: ModelEntry, runtime: Runtime, with_head: bool, seq2seq: bool = False) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source, kw = resolve_source(entry)
-    family, _ = _family(entry, source, kw)
-    if family not in LM_FAMILIES:
+    family, config = _family(entry, source, kw)
+    if seq2seq:
+        if not getattr(config, "is_encoder_decoder", False):
+            raise InputError(f"{entry.alias!r} is a {family} model, not an encoder-decoder LM (T5, FlanT5)")
+    elif family not in LM_FAMILIES:
         raise InputError(f"{entry.alias!r} is a {family} model, not a causal LM ({', '.join(LM_FAMILIES)})")
-    cls = AutoModelForCausalLM if with_head else AutoModel
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM if with_head else AutoModel
     model = load_pretrained(cls, entry, source, kw, dtype=runtime.dtype)
     tokenizer = load_pretrained(AutoTokenizer, entry, source, kw)
     if tokenizer.pad_token is None:
@@ -243,6 +246,11 @@ def model_identity(entry: ModelEntry) -> dict[str, Any]:
 def load_causal_lm(entry: ModelEntry, runtime: Runtime) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a causal LM *with* its head (for grounded runs, training and benchmarks)."""
     return _load_lm(entry, runtime, with_head=True)
+
+
+def load_seq2seq_lm(entry: ModelEntry, runtime: Runtime) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of an encoder–decoder LM (T5, FlanT5) with its head."""
+    return _load_lm(entry, runtime, with_head=True, seq2seq=True)
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:

@@ -63,6 +63,12 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "gemma3_text": "gemma3",
     "llava": "llava",
     "pg_llava": "llava",
+    "blip-2": "blip2",
+    "pg_blip2": "blip2",
+    "instructblip": "instructblip",
+    "pg_instructblip": "instructblip",
+    "pg_vision_t5": "vision_t5",
+    "t5": "t5",
 }
 
 
@@ -113,6 +119,10 @@ register_model(ModelEntry("dino", "vision", "vit", hub_id="facebook/dino-vitb16"
 register_model(ModelEntry("dinov2", "vision", "dinov2", hub_id="facebook/dinov2-large", label="DINOv2-L/14"))
 register_model(ModelEntry("vicuna", "lm", "llama", hub_id="lmsys/vicuna-7b-v1.5", label="Vicuna-7B v1.5"))
 register_model(ModelEntry("llava", "vlm", "llava", hub_id="llava-hf/llava-1.5-7b-hf", label="LLaVA-1.5-7B"))
+register_model(ModelEntry("blip2-flan-t5-xl", "vlm", "blip2", hub_id="Salesforce/blip2-flan-t5-xl",
+                          label="BLIP-2 FlanT5-XL"))
+register_model(ModelEntry("instructblip-flan-t5-xl", "vlm", "instructblip",
+                          hub_id="Salesforce/instructblip-flan-t5-xl", label="InstructBLIP FlanT5-XL"))
 
 DEFAULT_VISION = "dinov2-small-imgfocus"
 DEFAULT_LM = "smollm2-135m"

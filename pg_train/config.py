@@ -57,6 +57,9 @@ class TrainConfig:
                            "--baseline, --align-result and --attnmap) (default: %(default)s)")
     exit_layer: int | None = option(None, "exit layer K (L <= K <= N): from LM layer K on the vision rows are gone "
                                           "again (default: N, they stay to the end)")
+    bypass_encoder: bool = option(True, "with an encoder-decoder LM (T5, FlanT5; BLIP-2 via --init-from): the vision "
+                                        "rows bypass its encoder and join the decoder's memory beside the encoded "
+                                        "prompt, as the paper's Sec. 5.1 (default: %(default)s)")
     vision_feature_layer: int = option(-2, "encoder hidden state used, as LLaVA (default: %(default)s)")
     vision_pool: int = option(4, "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens"
                                  " (default: %(default)s)")
@@ -132,8 +135,9 @@ class TrainConfig:
     batch_size: int = option(16, "global batch: examples per optimizer step over all processes and micro-batches "
                                  "(default: %(default)s)")
     grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation) (default: %(default)s)")
-    warmup_frac: float = option(0.03, "fraction of each stage's steps with linear warm-up before the cosine decay "
-                                      "(default: %(default)s)")
+    warmup_frac: float = option(0.03, "fraction of stage-1 and stage-2 steps with linear warm-up (from lr 0, as "
+                                      "transformers) before the cosine decay; the stage-0 warm-up starts at its "
+                                      "peak lr (default: %(default)s)")
     weight_decay: float = option(0.0, "AdamW weight decay (default: %(default)s)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables (default: %(default)s)")
     precision: str = option("bf16", "bf16 (autocast) or fp32 (default: %(default)s)")
@@ -224,6 +228,15 @@ class TrainConfig:
     def store(self) -> str | None:
         """The feature store: ``"auto"``, a folder, or None (the encoder runs in the loop)."""
         return None if self.feature_store in (None, "", "none") else self.feature_store
+
+    def decoder_only_options(self) -> list[str]:
+        """The options set here that only a decoder-only LM takes (an encoder–decoder LM refuses them)."""
+        given = {"--layer": self.layer, "--exit-layer": self.exit_layer is not None,
+                 "--stage0-steps (the warm-up)": self.stage0_steps, "--aux-weight": self.aux_weight,
+                 "--distill-weight": self.distill_weight,
+                 "--text-first-steps/--text-first-frac": self.text_first_steps or self.text_first_frac,
+                 "--scale-match": self.scale_match and not self.init_from}
+        return [flag for flag, on in given.items() if on]
 
     def extra_pairs(self) -> str | None:
         """The pairs source ``extra_train`` resolves to (None: no extra training pairs)."""

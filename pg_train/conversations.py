@@ -183,3 +183,26 @@ def letter_token_ids(tokenizer: Any, template: str, letters: str = "ABCD") -> li
     if len(set(ids)) != len(ids):
         raise InputError(f"option letters {letters} do not start with distinct tokens for this tokenizer")
     return ids
+
+
+def encoder_decoder_split(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """A decoder-only encoding → an encoder–decoder one: ``(prompt, target)`` where the target is the last
+    supervised answer (its tokens as labels) and the prompt everything before it (earlier turns, answers included,
+    are context). BLIP-2 and InstructBLIP train on single turns the same way; a multi-turn record teaches its last
+    answer only."""
+    end = max((i + 1 for i, x in enumerate(labels) if x != -100), default=0)
+    if not end:
+        raise InputError("a record for an encoder-decoder LM needs a supervised answer")
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return input_ids[:start], labels[start:end]
+
+
+def image_instruction(conversation: list[dict[str, str]]) -> str:
+    """The text of the turn that holds the image, without its placeholder: what InstructBLIP's Q-Former reads
+    (``""`` when no turn has one)."""
+    for turn in conversation:
+        if IMAGE_TOKEN in turn.get("value", ""):
+            return " ".join(turn["value"].replace(IMAGE_TOKEN, " ").split())
+    return ""

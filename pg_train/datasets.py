@@ -201,11 +201,15 @@ def encoder_key(vlm: Any, mirror: bool = True) -> dict[str, Any]:
     from pg_analysis.features import FEATURES_VERSION
 
     model = vlm.model
-    tower = model.model.vision_tower
+    # LLaVA-style models hold the tower under .model.vision_tower (grounded LLaVA) or .vision_tower (plain
+    # projector + T5); BLIP's is .vision_model and its features are the last hidden state
+    tower = getattr(model, "vision_model", None) or getattr(model, "vision_tower", None) or model.model.vision_tower
     first = next(iter(tower.state_dict().values()))
+    config = model.config
     key = {"version": FEATURES_VERSION, "vision": tower.config.to_dict(), "weights": float(first.float().sum()),
-           "layer": model.config.vision_feature_layer, "select": model.config.vision_feature_select_strategy,
-           "pool": model.config.vision_pool, "processor": vlm.image_processor.to_dict(), "per_image": True}
+           "layer": getattr(config, "vision_feature_layer", "last"),
+           "select": getattr(config, "vision_feature_select_strategy", "full"),
+           "pool": getattr(config, "vision_pool", 1), "processor": vlm.image_processor.to_dict(), "per_image": True}
     if not mirror:
         key["mirror"] = False
     return key

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pg_analysis.errors import InputError
 from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_json, read_run_record
 
-from .conversations import letter_token_ids
+from .conversations import image_instruction, letter_token_ids
 from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
                        tokenize_records, without_image)
 from .grounding import CACHE_FIELD, GroundedCache
@@ -166,6 +166,7 @@ class Evaluator:
         paths = sorted({r["image_path"] for rs in records.values() for r in rs if r.get("image_path")})
         self.image_index = {p: i for i, p in enumerate(paths)}
         self.features = image_features(vlm, paths, cache_dir, progress=cfg.progress)
+        self.seq2seq = vlm.is_encoder_decoder
         self.perm = derangement(len(paths), cfg.seed)
         self.letter_ids = letter_token_ids(vlm.tokenizer, template)
         self._option_targets: tuple[dict[str, int], CaptionStates] | None = None
@@ -183,17 +184,26 @@ class Evaluator:
     def _batch(self, exs: list[Example]) -> dict[str, torch.Tensor]:
         batch = collate(exs, self.vlm.tokenizer.pad_token_id, self.features, padding_side="left")
         batch.pop("labels")
+        batch.update(self.vlm.qformer_inputs([image_instruction(e.record["conversations"]) for e in exs
+                                              if e.image >= 0]))  # InstructBLIP's Q-Former reads the question
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _decoder_start(self, n: int) -> torch.Tensor:
+        """``[n, 1]``: an encoder–decoder LM's decoder input before its first answer token."""
+        return torch.full((n, 1), self.model.config.text_config.decoder_start_token_id, device=self.device)
 
     @torch.no_grad()
     def last_logits(self, exs: list[Example], rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each).
-        ``rows [n, P, d]``: vision rows to put in place of the projected images (every prompt has one image)."""
+        """``[n, V]`` logits at the answer position of each prompt (left-padded batches, one forward each; an
+        encoder–decoder LM: its decoder's first step). ``rows [n, P, d]``: vision rows to put in place of the
+        projected images (every prompt has one image; decoder-only LMs)."""
         out = []
         for start in range(0, len(exs), self.cfg.batch_size):
             batch = self._batch(exs[start:start + self.cfg.batch_size])
             with precision_context(self.cfg.precision, self.device):
-                if rows is None:
+                if self.seq2seq:
+                    logits = self.model(**batch, decoder_input_ids=self._decoder_start(len(batch["input_ids"]))).logits
+                elif rows is None:
                     logits = self.model(**batch, logits_to_keep=1).logits
                 else:
                     batch.pop("vision_features")
@@ -268,8 +278,19 @@ class Evaluator:
 
     @torch.no_grad()
     def _candidate_scores(self, prompt: Example, candidates: list[list[int]]) -> torch.Tensor:
-        """Mean token log-probability of each candidate continuation of one prompt (prefill once, cache repeated)."""
+        """Mean token log-probability of each candidate continuation of one prompt (prefill once, cache repeated;
+        an encoder–decoder LM: each candidate as the decoder's target)."""
         batch = self._batch([prompt])
+        if self.seq2seq:
+            k = len(candidates)
+            labels, _ = pad_rows(candidates, -100)
+            labels = labels.to(self.device)
+            inputs = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in batch.items()}
+            with precision_context(self.cfg.precision, self.device):
+                logits = self.model(**inputs, labels=labels).logits
+            logp = torch.log_softmax(logits.float(), -1).gather(2, labels.clamp_min(0)[..., None])[..., 0]
+            keep = labels != -100
+            return ((logp * keep).sum(1) / keep.sum(1)).cpu()
         with precision_context(self.cfg.precision, self.device):
             out = self.model(**batch, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
@@ -321,7 +342,8 @@ class Evaluator:
                 out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                           suppress_tokens=[self.model.config.image_token_index])
-            preds += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = out if self.seq2seq else out[:, batch["input_ids"].shape[1]:]  # an encoder-decoder's are all new
+            preds += tok.batch_decode(new, skip_special_tokens=True)
         preds = [p.strip() for p in preds]
         refs = [r["caption"] for r in what]
         return {"exact_match": float(np.mean([exact_match(p, r) for p, r in zip(preds, refs)])),
@@ -337,6 +359,8 @@ class Evaluator:
 
         exs = self.prompts(self.records["mcq"][:self.cfg.batch_size], "image")
         batch = self._batch(exs)
+        if self.seq2seq:
+            return self._bypass_efficiency(batch)
         layer, exit_layer = self.model.insert_layer, self.model.config.exit_layer
         v = self.model.num_image_tokens
         t = float(batch["attention_mask"].sum(1).float().mean()) - v
@@ -361,6 +385,32 @@ class Evaluator:
         return {"insert_layer": layer, "exit_layer": self.model.exit_layer, "batch": len(exs), "text_tokens": t,
                 "vision_tokens": v, "prefill_s": timings[(layer, exit_layer)], "prefill_s_L0": timings[(0, None)],
                 "measured_ratio": measured, "predicted_ratio": predicted}
+
+
+    def _bypass_efficiency(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """An encoder–decoder LM: prefill (encoder + first decoder step) with the vision rows bypassing the
+        encoder and going through it (measured; no FLOP model for T5 here)."""
+        from .bench import timed_call
+
+        config, timings = self.model.config, {}
+        bypass = config.bypass_encoder
+        start = self._decoder_start(len(batch["input_ids"]))
+        try:
+            for mode in dict.fromkeys([False, bypass]):
+                config.bypass_encoder = mode
+                best = float("inf")
+                for _ in range(max(1, self.cfg.bench_repeats)):
+                    with precision_context(self.cfg.precision, self.device):
+                        best = min(best, timed_call(lambda: self.model(**batch, decoder_input_ids=start),
+                                                    self.device))
+                timings[mode] = best
+        finally:
+            config.bypass_encoder = bypass
+        v = self.model.num_image_tokens
+        return {"bypass_encoder": bypass, "batch": len(start), "vision_tokens": v,
+                "text_tokens": float(batch["attention_mask"].sum(1).float().mean()) - v,
+                "prefill_s": timings[bypass], "prefill_s_through_encoder": timings[False],
+                "measured_ratio": timings[bypass] / timings[False], "predicted_ratio": None}
 
 
 def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], Path]:
@@ -398,14 +448,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ev = Evaluator(vlm, template, system, records, cfg, cache_dir,
                    centred=bool(train_cfg.get("scale_match", True) and train_cfg.get("match_mean", False)))
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"model": str(model_dir), "insert_layer": vlm.model.insert_layer, "split": cfg.split,
-                              "template": template, "attention": ev.attention, "n_images": len(records["what"]),
-                              "mcq": {}, "rank4": {}}
+    result: dict[str, Any] = {"model": str(model_dir), "insert_layer": getattr(vlm.model, "insert_layer", None),
+                              "split": cfg.split, "template": template, "attention": ev.attention,
+                              "n_images": len(records["what"]), "mcq": {}, "rank4": {}}
+    if vlm.is_encoder_decoder:
+        result["bypass_encoder"] = vlm.model.config.bypass_encoder
     for control in CONTROLS:
         result["mcq"][control] = ev.mcq(control)
         result["rank4"][control] = ev.ranking(control, "options")
-    result["diagnostics"] = {"text_mcq": ev.text_mcq(), "slot_mcq": ev.slot_mcq(),
-                             "warmup_rank4": ev.warmup_retrieval()}
+    # the slot MCQ and the warm-up retrieval read the LM's states at the insertion layer: decoder-only LMs
+    result["diagnostics"] = {"text_mcq": ev.text_mcq()} if vlm.is_encoder_decoder else {
+        "text_mcq": ev.text_mcq(), "slot_mcq": ev.slot_mcq(), "warmup_rank4": ev.warmup_retrieval()}
     if cfg.rank_all:
         result["rank_all"] = {"image": ev.ranking("image", "all")}
     if cfg.generate:
@@ -433,7 +486,8 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
         letters = "/".join(str(m["image"]["letters"][x]) for x in LETTERS)
         eff = r.get("efficiency")
         tr = r.get("training") or {}
-        rows.append((name, str(r["insert_layer"]), f"{m['image']['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]",
+        where = "bypass" if r.get("bypass_encoder") else str(r["insert_layer"])  # encoder-decoder: bypass or None
+        rows.append((name, where, f"{m['image']['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]",
                      f"{m['no_image']['accuracy']:.3f}", f"{m['shuffled']['accuracy']:.3f}", letters,
                      f"{r['rank4']['image']['accuracy']:.3f}", f"{r['rank4']['no_image']['accuracy']:.3f}",
                      f"{r['rank4']['shuffled']['accuracy']:.3f}",
@@ -441,7 +495,8 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
                        for k in ("text_mcq", "slot_mcq", "warmup_rank4")),
                      f"{r['rank_all']['image']['accuracy']:.3f}" if "rank_all" in r else "-",
                      f"{r['generation']['rouge_l']:.3f}" if "generation" in r else "-",
-                     f"{eff['measured_ratio']:.2f} ({eff['predicted_ratio']:.2f})" if eff else "-",
+                     f"{eff['measured_ratio']:.2f} ({eff['predicted_ratio']:.2f})" if eff and eff["predicted_ratio"]
+                     is not None else f"{eff['measured_ratio']:.2f}" if eff else "-",
                      f"{tr['run_seconds']:.0f}" if tr.get("run_seconds") else "-",
                      f"{tr['peak_rss_mib']:.0f}" if tr.get("peak_rss_mib") else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

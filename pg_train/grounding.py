@@ -25,7 +25,8 @@ so the per-layer cache lengths differ. The cache remembers each segment's key pa
 id, so a continuation call passes only the *new* rows and their own ``attention_mask`` ``[B, T_new]``.
 
 Sliding-window layers (Mistral; Qwen2's ``layer_types``) get their window in every segment, counted in rows of the
-full sequence as transformers counts it (:func:`layer_windows`, :func:`causal_key_mask`).
+full sequence as transformers counts it (:func:`layer_windows`; :func:`causal_key_mask` composes transformers'
+own causal, padding and sliding-window mask rules).
 
 What the optional outputs hold (identical in both modes):
 
@@ -56,6 +57,7 @@ from typing import Any, Iterator
 
 import torch
 from transformers import DynamicCache
+from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function, sliding_window_overlay
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 #: ``config.model_type`` of decoders whose layers share LLaMA's call signature (rotary embeddings passed in); each
@@ -102,22 +104,28 @@ def pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def causal_key_mask(key_mask: torch.Tensor, n_query: int, dtype: torch.dtype, window: int | None = None,
                     key_rows: torch.Tensor | None = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask ``[B, 1, Q, S]`` for the last ``Q`` rows of a segment whose keys are ``key_mask [B, S]``.
+    """Additive mask ``[B, 1, Q, S]`` for the last ``Q`` rows of a segment whose keys are ``key_mask [B, S]``,
+    composed from transformers' own mask rules (``transformers.masking_utils``: causal, padding, sliding-window
+    overlay), evaluated on the segment's index grid.
 
     Query ``i`` sits at key index ``S − Q + i`` and may attend key ``j`` iff ``j ≤ S − Q + i`` and ``key_mask[j]``.
-    With a sliding ``window`` W, also iff ``key_rows[j] > query_rows[i] − W``: the rows' indices in the full
-    sequence (``[B, S]`` and ``[B, Q]``), as transformers counts the window — so a packed segment without the vision
-    rows keeps the window the full sequence has. Rows that may attend nothing (padding queries) get a finite
-    minimum everywhere: no NaNs, outputs ignored.
+    With a sliding ``window`` W, also iff ``key_rows[j] > query_rows[i] − W``: the window rule applied to the rows'
+    indices in the full sequence (``[B, S]`` and ``[B, Q]``) — so a packed segment without the vision rows keeps
+    the window the full sequence has. Rows that may attend nothing (padding queries) get a finite minimum
+    everywhere: no NaNs, outputs ignored.
     """
-    s = key_mask.shape[1]
-    q_idx = torch.arange(s - n_query, s, device=key_mask.device)[:, None]
-    k_idx = torch.arange(s, device=key_mask.device)[None, :]
-    allowed = (k_idx <= q_idx)[None, None] & key_mask[:, None, None, :].bool()
+    b, s = key_mask.shape
+    offset = s - n_query
+    rules = [lambda bi, h, q, kv: causal_mask_function(bi, h, q + offset, kv), padding_mask_function(key_mask.bool())]
     if window is not None:
-        allowed = allowed & (key_rows[:, None, None, :] > query_rows[:, None, :, None] - window)
-    return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
+        overlay = sliding_window_overlay(window)
+        rules.append(lambda bi, h, q, kv: overlay(bi, h, query_rows[bi, q], key_rows[bi, kv]))
+    device = key_mask.device
+    allowed = and_masks(*rules)(torch.arange(b, device=device)[:, None, None, None], 0,
+                                torch.arange(n_query, device=device)[None, None, :, None],
+                                torch.arange(s, device=device)[None, None, None, :])
+    allowed = allowed.expand(b, 1, n_query, s)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass

@@ -103,7 +103,8 @@ class Objective(nn.Module):
         """One micro-batch's terms.
 
         - stage 0: ``features [N, P, D_v]`` of every training image (row i ↔ ``targets[i]``): InfoNCE only;
-        - stages 1–2: ``inputs`` for the model (ids, mask, labels, vision features or pixels); ``num_items``: the
+        - stages 1–2: ``inputs`` for the model (ids, mask, labels, vision features or pixels; None: a micro-batch
+          whose records were all skipped — a zero total that still reaches every trained parameter); ``num_items``: the
           supervised tokens of the whole optimizer step; ``lm_scale``: processes × micro-batches;
           ``image_rows``: each image's row in ``targets`` (the InfoNCE term; each image counted once);
           ``twins``: the distillation pairs (``inputs`` of the text twins, ``rows`` of their image examples,
@@ -112,8 +113,10 @@ class Objective(nn.Module):
         if stage == 0:
             loss = info_nce(self.pooled(features), self.targets.to(features.device), self.tau)
             return {"total": loss, "infonce": loss.detach()}
-        layers = self.model.model.language_model.layers
-        picked = [layers[i] for i in self.distill_layers]
+        if inputs is None:  # a micro-batch with no records left: zero, but through every trained parameter
+            return {"total": sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)}
+        picked = ([self.model.model.language_model.layers[i] for i in self.distill_layers]
+                  if self.distill_weight and twins else [])
         distill_on = bool(self.distill_weight and twins and picked)
         with capture_outputs(picked, active=distill_on) as student:
             out = self.model(**inputs, return_logits=False, num_items_in_batch=num_items)

@@ -3,6 +3,10 @@
 Stage 0/1: the projector. Stage 2: + LM decoder layers ``>= L`` and the final norm (full) — or only LoRA adapters
 on those layers. Layers below L never see a vision row, so they stay frozen; embeddings, LM head and vision tower
 always stay frozen.
+
+Encoder–decoder VLMs (T5 LM): the projector is LLaVA's plain projector, or BLIP's Q-Former with its query tokens
+and language projection; stage 2 adds every encoder and decoder block and both final norms (the encoder reads the
+prompt, which the answer depends on, even where the vision rows bypass it).
 """
 
 from __future__ import annotations
@@ -33,8 +37,21 @@ def set_trainable(model: Any, stage: int, insert_layer: int, lora: bool = False)
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    groups: dict[str, list[torch.nn.Parameter]] = {"projector": list(model.model.multi_modal_projector.parameters()),
-                                                   "lm": []}
+    if is_encoder_decoder(model):
+        groups = {"projector": projector_parameters(model), "lm": []}
+        if stage == 2:
+            lm = model.language_model
+            if lora:
+                groups["lm"] = [p for n, p in lm.named_parameters() if "lora_" in n]
+            else:
+                for stack in (lm.encoder, lm.decoder):
+                    groups["lm"] += [p for block in stack.block for p in block.parameters()]
+                    groups["lm"] += list(stack.final_layer_norm.parameters())
+        for ps in groups.values():
+            for p in ps:
+                p.requires_grad_(True)
+        return groups
+    groups = {"projector": projector_parameters(model), "lm": []}
     if stage == 2:
         lm = model.model.language_model
         if lora:
@@ -49,10 +66,35 @@ def set_trainable(model: Any, stage: int, insert_layer: int, lora: bool = False)
     return groups
 
 
+def is_encoder_decoder(model: Any) -> bool:
+    return bool(getattr(model.config.text_config, "is_encoder_decoder", False))
+
+
+def projector_parameters(model: Any) -> list[torch.nn.Parameter]:
+    """What carries the vision rows into the LM: LLaVA's projector, or BLIP's query tokens, Q-Former and language
+    projection."""
+    if hasattr(model, "qformer"):
+        return [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters()]
+    if hasattr(model, "multi_modal_projector"):
+        return list(model.multi_modal_projector.parameters())
+    return list(model.model.multi_modal_projector.parameters())
+
+
+#: T5's attention and feed-forward projections (gated variants: wi_0 / wi_1).
+_T5_LORA = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+
+
 def add_lora(model: Any, insert_layer: int, r: int, alpha: int) -> None:
-    """Add LoRA adapters (peft) to the attention and MLP projections of LM layers ``≥ insert_layer``."""
+    """Add LoRA adapters (peft) to the attention and MLP projections of LM layers ``≥ insert_layer`` (an
+    encoder–decoder LM: of every encoder and decoder block)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    if is_encoder_decoder(model):
+        lm = model.language_model
+        targets = [name for name, _ in lm.named_modules()
+                   if name.startswith(("encoder.block.", "decoder.block.")) and name.rsplit(".", 1)[-1] in _T5_LORA]
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), lm)
+        return
     lm = model.model.language_model
     n = len(lm.layers)
     if insert_layer >= n:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pg_analysis.errors import InputError
 
-from .conversations import encode_conversation
+from .conversations import encode_conversation, encoder_decoder_split, image_instruction
 from .datasets import text_first
 
 _CHUNK = 1 << 20
@@ -177,17 +177,18 @@ class TrainDataset(Dataset):
 
     ``image``: the record's feature-store row (``store`` given) or its preprocessed pixels ``[3, H, W]``
     (``image_processor`` given). ``twins``: also tokenize the record with its caption as text in place of the image
-    (``twin``: ``(input_ids, labels)``, None without a caption)."""
+    (``twin``: ``(input_ids, labels)``, None without a caption). ``seq2seq`` (an encoder–decoder LM):
+    ``input_ids`` is the prompt and ``labels`` the last answer (:func:`.conversations.encoder_decoder_split`)."""
 
     def __init__(self, index: RecordIndex, tokenizer: Any, template: str, image_token_id: int, n_image_tokens: int,
                  max_length: int, system: str | None = None, store: Any = None, image_processor: Any = None,
-                 twins: bool = False):
+                 twins: bool = False, seq2seq: bool = False):
         if (store is None) == (image_processor is None):
             raise ValueError("give exactly one of store and image_processor")
         self.index, self.tokenizer, self.template = index, tokenizer, template
         self.image_token_id, self.n_image_tokens = image_token_id, n_image_tokens
         self.max_length, self.system, self.store, self.image_processor = max_length, system, store, image_processor
-        self.twins = twins
+        self.twins, self.seq2seq = twins, seq2seq
 
     def __len__(self) -> int:
         return len(self.index)
@@ -196,6 +197,8 @@ class TrainDataset(Dataset):
         enc = encode_conversation(record["conversations"], self.tokenizer, self.template, self.image_token_id,
                                   self.n_image_tokens, n_images, self.max_length, where=f"record {record.get('id')}",
                                   system=self.system)
+        if self.seq2seq:
+            return encoder_decoder_split(enc.input_ids, enc.labels)
         return enc.input_ids, enc.labels
 
     def _image(self, path: str) -> Any:
@@ -218,6 +221,7 @@ class TrainDataset(Dataset):
             item: dict[str, Any] = {"id": record_id, "input_ids": ids, "labels": labels}
             if path:
                 item["image"] = self._image(path)
+                item["instruction"] = image_instruction(record["conversations"])
             if self.twins:
                 twin = text_first(record)
                 item["twin"] = self._encode(twin, 0) if twin is not None else None

@@ -48,11 +48,11 @@ def tiny_llama_config(**kw):
 
 def write_tiny_models(root: str | Path) -> dict[str, Path]:
     """Tiny randomly initialised models saved as HF folders under ``root``: ``clip``, ``dinov2``, ``vit`` vision
-    encoders (8 px images, 2 px patches) and a 3-layer ``llama`` LM with a word-level tokenizer over
-    :data:`WORDS`. Seeded: the same weights every time."""
+    encoders (8 px images, 2 px patches), a 3-layer ``llama`` LM and a 2 + 2-layer ``t5`` encoder–decoder LM, each
+    with a word-level tokenizer over :data:`WORDS`. Seeded: the same weights every time."""
     import torch
     from transformers import (BitImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
-                              LlamaForCausalLM, ViTConfig, ViTModel)
+                              LlamaForCausalLM, T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel)
 
     torch.manual_seed(0)
     root = Path(root)
@@ -74,7 +74,42 @@ def write_tiny_models(root: str | Path) -> dict[str, Path]:
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
     make_tokenizer(folder)
     out["llama"] = folder
+    folder = root / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 4, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                        num_decoder_layers=2, num_heads=4, pad_token_id=3, eos_token_id=2,
+                                        decoder_start_token_id=3)).save_pretrained(folder)
+    make_tokenizer(folder, add_bos=False)
+    out["t5"] = folder
     return out
+
+
+def write_tiny_blip(folder: str | Path, t5_folder: str | Path, instruct: bool = False) -> Path:
+    """A tiny random HF BLIP-2 (``instruct``: InstructBLIP) checkpoint with the T5 of ``t5_folder`` (random too) as
+    its LM, saved as HF's own classes save it: weights, the T5's tokenizer with ``<image>``, an 8 px image
+    processor and (InstructBLIP) ``qformer_tokenizer/``. Seeded."""
+    import torch
+    from transformers import (AutoTokenizer, BitImageProcessorPil, Blip2Config, Blip2ForConditionalGeneration,
+                              InstructBlipConfig, InstructBlipForConditionalGeneration, T5Config)
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(t5_folder)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    text = T5Config.from_pretrained(t5_folder).to_dict()
+    text["vocab_size"] = len(tok)
+    q_vocab = len(make_tokenizer(folder / "qformer_tokenizer")) if instruct else len(tok)
+    config_cls, model_cls = ((InstructBlipConfig, InstructBlipForConditionalGeneration) if instruct
+                             else (Blip2Config, Blip2ForConditionalGeneration))
+    torch.manual_seed(0)
+    model = model_cls(config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=8, patch_size=2),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=q_vocab),
+        text_config=text, num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>")))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    BitImageProcessorPil(do_resize=True, size={"height": 8, "width": 8}, do_center_crop=False).save_pretrained(folder)
+    return folder
 
 
 def write_llava_data(folder: str | Path, n_records: int, n_images: int = 64, text_only_frac: float = 0.1,

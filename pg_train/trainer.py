@@ -111,7 +111,8 @@ class Run:
                 self.store = self._store(cfg, cache, out_dir)
         common = dict(tokenizer=tok, image_token_id=model.config.image_token_index,
                       n_image_tokens=model.num_image_tokens, max_length=cfg.max_length, store=self.store,
-                      image_processor=None if self.store is not None else self.vlm.image_processor)
+                      image_processor=None if self.store is not None else self.vlm.image_processor,
+                      seq2seq=self.vlm.is_encoder_decoder)
         self.datasets = {}
         if self.index[1] is not None:
             self.datasets[1] = TrainDataset(self.index[1], template="plain", **common)
@@ -137,7 +138,16 @@ class Run:
             vlm = load_vlm(cfg.init_from, insert_layer=cfg.layer, runtime=runtime)
         else:
             vlm = build_vlm(cfg.vision, cfg.llm, insert_layer=0, vision_feature_layer=cfg.vision_feature_layer,
-                            vision_pool=cfg.vision_pool, projector_type=cfg.projector, runtime=runtime, seed=cfg.seed)
+                            vision_pool=cfg.vision_pool, projector_type=cfg.projector, runtime=runtime, seed=cfg.seed,
+                            bypass_encoder=cfg.bypass_encoder)
+        if vlm.is_encoder_decoder:
+            refused = cfg.decoder_only_options()
+            if refused:
+                raise InputError(f"an encoder-decoder LM is grounded with --bypass-encoder; it does not take "
+                                 f"{', '.join(refused)} (decoder-only options; --recipe llava15 sets none of them)")
+            vlm.model.config.bypass_encoder = cfg.bypass_encoder
+            return vlm
+        if not cfg.init_from:
             n_lm = vlm.model.config.text_config.num_hidden_layers
             if cfg.layer > n_lm:
                 raise InputError(f"--layer must be in [0, {n_lm}] for this {n_lm}-layer LM, got {cfg.layer}")
@@ -271,6 +281,7 @@ def step_inputs(run: Run, items: list[dict[str, Any]], use_text: bool, flips: li
         else:
             px = torch.stack([im.flip(-1) if flip else im for im, flip in images])
             inputs["pixel_values"] = px
+        inputs.update(run.vlm.qformer_inputs([items[k]["instruction"] for k in image_items]))  # InstructBLIP
     out: dict[str, Any] = {"inputs": {k: v.to(device) for k, v in inputs.items()},
                            "image_rows": image_rows, "twins": None}
     pairs = [(k, items[k]["twin"]) for k in image_items if items[k].get("twin") is not None]
@@ -413,9 +424,13 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                2: {"projector": cfg.stage2_projector_lr, "lm": cfg.stage2_lr}}[stage]
         param_groups = [{"params": groups[k], "lr": lr, "name": k} for k, lr in lrs.items() if groups[k]]
         optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * steps[stage]), steps[stage])
+        # transformers' warm-up starts at lr 0; stage 0 (a few full-batch InfoNCE steps on a scale-matched
+        # projector) starts at its peak lr instead, as the paper's warm-up did (docs/recipe.md)
+        warmup = 0 if stage == 0 else int(cfg.warmup_frac * steps[stage])
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps[stage])
         # inside the window [L, K) only: there every row is present (layers >= K run on the text rows alone)
-        picks = distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers) if stage == 2 else []
+        picks = (distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers)
+                 if stage == 2 and cfg.distill_weight else [])
         objective = Objective(model, tau=cfg.tau, aux_weight=cfg.aux_weight if stage else 0.0,
                               distill_weight=cfg.distill_weight, distill_layers=picks, targets=run.targets,
                               token_mean=run.states.token_mean if run.states is not None and cfg.centred else None)
@@ -481,7 +496,8 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                                "run_seconds_this_process": time.perf_counter() - t_run,
                                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "scale": scale, "num_image_tokens": model.num_image_tokens,
-                               "insert_layer": model.insert_layer, "steps": steps, "skipped_records": skipped,
+                               "insert_layer": getattr(model, "insert_layer", None), "steps": steps,
+                               "skipped_records": skipped,
                                "world_size": world, "seconds_to_first_step": to_first_step}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # trackers closed; the process group is released (no collective after this)
@@ -529,7 +545,8 @@ def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, op
             flips = [f for it, f in zip(items, flips) if "error" not in it]
             items = [it for it in items if "error" not in it]
         prepared.append(step_inputs(run, items, use_text, flips, stage, device) if items else None)
-    local = [sum(int((p["inputs"]["labels"][:, 1:] != -100).sum()) for p in prepared if p),
+    shift = 0 if run.vlm.is_encoder_decoder else 1  # a causal LM's first label predicts nothing
+    local = [sum(int((p["inputs"]["labels"][:, shift:] != -100).sum()) for p in prepared if p),
              sum(int(p["inputs"]["attention_mask"].sum()) for p in prepared if p),
              sum(int(p["inputs"]["input_ids"].shape[0]) for p in prepared if p), skipped]
     counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), "sum").tolist()
@@ -539,8 +556,9 @@ def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, op
     norms = None
     for p in prepared:
         with accelerator.accumulate(objective):
-            if p is None:  # every record of this micro-batch was skipped: still take part in the sync
-                loss = sum(q.sum() * 0.0 for q in objective.parameters() if q.requires_grad)
+            if p is None:  # every record of this micro-batch was skipped: a zero loss through the wrapped
+                # module's forward, so DDP / FSDP see a forward before the backward and every process syncs
+                loss = objective(stage=stage, inputs=None)["total"]
             else:
                 with precision_context(cfg.precision, device):
                     terms = objective(stage=stage, inputs=p["inputs"], num_items=n_items, lm_scale=world * g,

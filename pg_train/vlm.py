@@ -24,14 +24,35 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForCondit
 
 from pg_analysis.errors import InputError
 
+from .configuration_grounded_encdec import GroundedBlip2Config, GroundedInstructBlipConfig, GroundedVisionT5Config
 from .configuration_grounded_llava import GroundedLlavaConfig
 from .conversations import IMAGE_TOKEN
+from .modeling_grounded_encdec import (GroundedBlip2ForConditionalGeneration,
+                                       GroundedInstructBlipForConditionalGeneration,
+                                       GroundedVisionT5ForConditionalGeneration)
 from .modeling_grounded_llava import GroundedLlavaForConditionalGeneration, VisionProjector
 
 # In this project's processes the classes resolve without trust_remote_code (a saved folder's auto_map serves
 # everyone else).
-AutoConfig.register(GroundedLlavaConfig.model_type, GroundedLlavaConfig, exist_ok=True)
-AutoModelForImageTextToText.register(GroundedLlavaConfig, GroundedLlavaForConditionalGeneration, exist_ok=True)
+for _config, _model in ((GroundedLlavaConfig, GroundedLlavaForConditionalGeneration),
+                        (GroundedBlip2Config, GroundedBlip2ForConditionalGeneration),
+                        (GroundedInstructBlipConfig, GroundedInstructBlipForConditionalGeneration),
+                        (GroundedVisionT5Config, GroundedVisionT5ForConditionalGeneration)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+
+#: the sub-folder of an InstructBLIP checkpoint that holds its Q-Former's tokenizer (HF's processor layout)
+QFORMER_TOKENIZER = "qformer_tokenizer"
+
+#: checkpoint ``model_type`` → (grounded config, grounded model) of the encoder–decoder VLMs; HF's BLIP-2 and
+#: InstructBLIP checkpoints load into the grounded classes unchanged (same weight names).
+ENCDEC_CLASSES = {
+    "blip-2": (GroundedBlip2Config, GroundedBlip2ForConditionalGeneration),
+    "pg_blip2": (GroundedBlip2Config, GroundedBlip2ForConditionalGeneration),
+    "instructblip": (GroundedInstructBlipConfig, GroundedInstructBlipForConditionalGeneration),
+    "pg_instructblip": (GroundedInstructBlipConfig, GroundedInstructBlipForConditionalGeneration),
+    "pg_vision_t5": (GroundedVisionT5Config, GroundedVisionT5ForConditionalGeneration),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,13 +63,18 @@ AutoModelForImageTextToText.register(GroundedLlavaConfig, GroundedLlavaForCondit
 class VLM:
     """A grounded VLM with what it needs to read inputs: tokenizer (with ``<image>``) and image processor."""
 
-    model: GroundedLlavaForConditionalGeneration
+    model: Any  # GroundedLlavaForConditionalGeneration, or an encoder-decoder one (ENCDEC_CLASSES)
     tokenizer: Any
     image_processor: Any
+    qformer_tokenizer: Any = None  # InstructBLIP's: its Q-Former reads the instruction
 
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_index
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.model.config.text_config, "is_encoder_decoder", False))
 
     def pixel_values(self, images: list) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -60,6 +86,17 @@ class VLM:
         self.model.save_pretrained(folder, state_dict=state_dict)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+        if self.qformer_tokenizer is not None:  # where InstructBlipProcessor keeps it
+            self.qformer_tokenizer.save_pretrained(folder / QFORMER_TOKENIZER)
+
+    def qformer_inputs(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """InstructBLIP: ``qformer_input_ids`` / ``qformer_attention_mask`` of each image's instruction (padded);
+        other models: nothing."""
+        if self.qformer_tokenizer is None or not instructions:
+            return {}
+        enc = self.qformer_tokenizer(instructions, padding=True, truncation=True, max_length=512,
+                                     return_tensors="pt")
+        return {"qformer_input_ids": enc["input_ids"], "qformer_attention_mask": enc["attention_mask"]}
 
 
 ATTENTION = ("auto", "eager", "sdpa")
@@ -113,20 +150,45 @@ def _processed_size(processor: Any, default: int) -> int:
 
 def build_vlm(vision: str, llm: str, insert_layer: int = 0, vision_feature_layer: int = -2,
               vision_feature_select_strategy: str = "default", vision_pool: int = 1, projector_type: str = "mlp",
-              grounding_mode: str = "splice", runtime: Any = None, seed: int = 0) -> VLM:
-    """Assemble a VLM from a pretrained vision encoder and causal LM (registry aliases, folders or hub ids).
+              grounding_mode: str = "splice", runtime: Any = None, seed: int = 0,
+              bypass_encoder: bool = True) -> VLM:
+    """Assemble a VLM from a pretrained vision encoder and LM (registry aliases, folders or hub ids).
 
-    The projector is freshly initialised (seeded); the tokenizer gains ``<image>`` and the LM's embeddings one row.
+    A causal LM gives a :class:`GroundedLlavaForConditionalGeneration` (vision rows enter at ``insert_layer``); an
+    encoder–decoder LM (T5, FlanT5) a :class:`GroundedVisionT5ForConditionalGeneration` (plain projector, vision
+    rows bypass the encoder unless ``bypass_encoder=False``; ``insert_layer`` must stay 0). The projector is
+    freshly initialised (seeded); the tokenizer gains ``<image>`` and the LM's embeddings one row.
     """
-    from pg_analysis.models import load_causal_lm, load_vision, pick_runtime
+    from pg_analysis.models import load_causal_lm, load_pretrained, load_seq2seq_lm, load_vision, pick_runtime
+    from pg_analysis.models import resolve_source
     from pg_analysis.registry import resolve_model
 
     runtime = runtime or pick_runtime("cpu", "float32")
     vis = load_vision(resolve_model(vision, "vision"), runtime)
-    lm, tokenizer = load_causal_lm(resolve_model(llm, "lm"), runtime)
+    lm_entry = resolve_model(llm, "lm")
+    source, kw = resolve_source(lm_entry)
+    seq2seq = bool(getattr(load_pretrained(AutoConfig, lm_entry, source, kw), "is_encoder_decoder", False))
+    if seq2seq and (insert_layer or grounding_mode != "splice"):
+        raise InputError(f"{llm} is an encoder-decoder LM: its vision rows bypass the encoder (bypass_encoder); "
+                         f"insert_layer and grounding_mode are for decoder-only LMs")
+    lm, tokenizer = (load_seq2seq_lm if seq2seq else load_causal_lm)(lm_entry, runtime)
     image_token_id = add_image_token(tokenizer)
     if len(tokenizer) > lm.config.vocab_size:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if seq2seq:
+        config = GroundedVisionT5Config(
+            vision_config=vis.model.config, text_config=lm.config, image_token_index=image_token_id,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_pool=vision_pool, projector_type=projector_type, bypass_encoder=bypass_encoder,
+            tie_word_embeddings=bool(lm.config.tie_word_embeddings),
+            vision_image_size=_processed_size(vis.processor, vis.model.config.image_size))
+        torch.manual_seed(seed)
+        model = GroundedVisionT5ForConditionalGeneration(config)
+        model.vision_tower.load_state_dict(vis.model.state_dict())
+        model.language_model.load_state_dict(lm.state_dict())
+        model.generation_config.suppress_tokens = [image_token_id]
+        model.to(runtime.device, runtime.dtype).eval()
+        return VLM(model, tokenizer, vis.processor)
     config = GroundedLlavaConfig(
         vision_config=vis.model.config, text_config=lm.config, image_token_index=image_token_id,
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
@@ -168,10 +230,13 @@ def _from_llava(hf: LlavaForConditionalGeneration, insert_layer: int) -> Grounde
     return model
 
 
-def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any = None) -> VLM:
-    """Load a VLM saved by :meth:`VLM.save` / ``pg-train``, or an HF LLaVA checkpoint (folder, alias or hub id).
+def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any = None,
+             bypass_encoder: bool | None = None) -> VLM:
+    """Load a VLM saved by :meth:`VLM.save` / ``pg-train``, an HF LLaVA checkpoint, or an HF BLIP-2 / InstructBLIP
+    checkpoint with a T5 LM (folder, alias or hub id).
 
-    ``insert_layer`` overrides the saved L (an HF LLaVA checkpoint has none: default 0).
+    ``insert_layer`` overrides the saved L (an HF LLaVA checkpoint has none: default 0). ``bypass_encoder``
+    overrides an encoder–decoder model's saved mode (an HF BLIP checkpoint has none: default True, grounded).
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -182,9 +247,20 @@ def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any =
     entry = resolve_model(str(source), "vlm")
     path, kw = resolve_source(entry)
     config = load_pretrained(AutoConfig, entry, path, kw)
-    if config.model_type not in ("llava", GroundedLlavaConfig.model_type):
-        raise InputError(f"{source}: a LLaVA-format checkpoint is needed, got model_type {config.model_type!r}")
-    if config.model_type == "llava":
+    if config.model_type in ENCDEC_CLASSES:
+        if insert_layer:
+            raise InputError(f"{source} is an encoder-decoder VLM: it is grounded with bypass_encoder, not "
+                             "insert_layer")
+        config_class, model_class = ENCDEC_CLASSES[config.model_type]
+        overrides = {} if bypass_encoder is None else {"bypass_encoder": bypass_encoder}
+        config = config_class.from_pretrained(path, **kw, **overrides)
+        model = load_pretrained(model_class, entry, path, kw, config=config, dtype=runtime.dtype)
+    elif config.model_type not in ("llava", GroundedLlavaConfig.model_type):
+        raise InputError(f"{source}: a LLaVA-, BLIP-2- or InstructBLIP-format checkpoint is needed, got model_type "
+                         f"{config.model_type!r}")
+    elif bypass_encoder is not None:
+        raise InputError(f"{source} is a decoder-only VLM: it is grounded with insert_layer, not bypass_encoder")
+    elif config.model_type == "llava":
         model = _from_llava(load_pretrained(LlavaForConditionalGeneration, entry, path, kw, dtype=runtime.dtype),
                             insert_layer or 0)
     else:
@@ -196,4 +272,7 @@ def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any =
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     image_processor = load_pretrained(AutoImageProcessor, entry, path, kw)
-    return VLM(model.to(runtime.device).eval(), tokenizer, image_processor)
+    qformer_tokenizer = None
+    if config.model_type in ("instructblip", GroundedInstructBlipConfig.model_type):
+        qformer_tokenizer = load_pretrained(AutoTokenizer, entry, path, {**kw, "subfolder": QFORMER_TOKENIZER})
+    return VLM(model.to(runtime.device).eval(), tokenizer, image_processor, qformer_tokenizer)

@@ -107,3 +107,32 @@ def test_the_offline_recipe_runs_on_two_processes(tiny_models, tiny_pairs, tmp_p
     assert bad.returncode != 0 and "does not split over 2 processes" in bad.stderr
     assert not (tmp_path / "odd").exists()
 
+
+
+def test_skipped_records_on_two_processes_equal_one_process(llava, tmp_path):
+    """Three in four images missing, ``--on-bad-record skip``: some process's share of a micro-batch is empty
+    (it still runs the wrapped module's forward, a zero loss, so the gradient sync completes), and the two-process
+    steps equal the one-process steps."""
+    root, opts, _ = llava
+    data = write_llava_data(tmp_path / "data", 48, n_images=12, text_only_frac=0.0)
+    for r in range(48):
+        if r % 4:
+            (tmp_path / "data" / "images" / f"img{r:07d}.png").unlink()
+    cfg = {**{k: v for k, v in opts.items() if k not in ("stage1_data", "checkpoint_every")},
+           "stage2_data": data["stage2"], "image_root": data["image_root"], "on_bad_record": "skip",
+           "batch_size": 4, "stage1_batch_size": 4, "grad_accum": 1, "checkpoint_every": 100}
+    from pg_train.config import resolve_config
+
+    one = train(resolve_config({**cfg, "out_dir": str(tmp_path / "one"), "progress": False}))
+    done = _torchrun(_flags({**cfg, "out_dir": tmp_path / "two"}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["skipped_records"] == two["skipped_records"] >= 6
+    recs = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert any(r["samples"] <= 1 for r in recs)  # at most one record left of four: one process's share was empty
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 3
+    assert [x[2] for x in a] == pytest.approx([x[2] for x in b], rel=1e-5)
+    w1 = load_file(str(tmp_path / "one/model/model.safetensors"))
+    w2 = load_file(str(tmp_path / "two/model/model.safetensors"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5

@@ -262,3 +262,107 @@ def test_llava_data_bad_records_fail_or_skip_and_other_bad_launches(tiny_models,
     assert "holds no records" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert train_cli([*common, "--grad-accum", "3", "--out", str(tmp_path / "g")]) == 2
     assert "not divisible by --grad-accum" in capsys.readouterr().err
+
+
+def test_an_encoder_decoder_run_trains_saves_and_evaluates(tiny_models, tiny_pairs, tmp_path, capsys):
+    """A T5 LM behind a plain projector, its vision rows bypassing the encoder: the same trainer (stage 1
+    projector, stage 2 + every T5 block) and pg-eval (the decoder's first step answers the MCQ)."""
+    from pg_train.cli import eval_cli, train_cli
+    from pg_train.vlm import load_vlm
+
+    out = tmp_path / "t5"
+    decoder_only_off = dict(stage0_steps=0, aux_weight=0.0, text_first_steps=0, text_first_frac=0.0,
+                            distill_weight=0.0, scale_match=False)
+    summary = train(_cfg(tiny_models, tiny_pairs, out, llm=str(tiny_models["t5"]), layer=0, stage1_steps=2,
+                         stage2_steps=3, **decoder_only_off))
+    assert summary["insert_layer"] is None and summary["steps"] == {0: 0, 1: 2, 2: 3}
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"]["lm"] > 0 and r["grad_norm"]["projector"] > 0 for r in records if r["stage"] == 2)
+    vlm = load_vlm(out / "model")
+    assert vlm.is_encoder_decoder and vlm.model.config.bypass_encoder
+    assert eval_cli([str(out), "--quiet", "--max-new-tokens", "3", "--precision", "fp32", "--bench-repeats", "1"]) == 0
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    n_test = result["n_images"]
+    assert result["bypass_encoder"] is True and set(result["diagnostics"]) == {"text_mcq"}
+    assert all(result["mcq"][c]["n"] == 4 * n_test for c in ("image", "no_image", "shuffled"))
+    assert result["rank4"]["image"]["n"] == n_test and 0 <= result["generation"]["rouge_l"] <= 1
+    assert result["efficiency"]["measured_ratio"] > 0 and result["efficiency"]["predicted_ratio"] is None
+    assert "bypass" in capsys.readouterr().out
+    # the MCQ, recomputed one question at a time from the saved model: the decoder's first-step letter logits
+    from pg_train.conversations import letter_token_ids
+    from pg_train.datasets import collate
+
+    pm, recs, ev = _evaluator(out)
+    letters = letter_token_ids(pm.vlm.tokenizer, pm.template)
+    start = torch.tensor([[pm.model.config.text_config.decoder_start_token_id]])
+    predicted = []
+    for ex in ev.prompts(recs["mcq"], "image"):
+        batch = collate([ex], pm.vlm.tokenizer.pad_token_id, ev.features)
+        batch.pop("labels")
+        with torch.no_grad():
+            predicted.append("ABCD"[int(pm.model(**batch, decoder_input_ids=start).logits[0, -1, letters].argmax())])
+    assert result["mcq"]["image"]["letters"] == {k: predicted.count(k) for k in "ABCD"}
+    common = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["t5"]), "--data", str(tiny_pairs),
+              "--quiet", "--stage0-steps", "0"]
+    assert train_cli(["--layer", "1", "--out", str(tmp_path / "bad"), *common]) == 2
+    assert "--layer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def _blip_run(tiny_models, tiny_pairs, tmp_path, instruct: bool, stage1_steps: int):
+    """An HF BLIP-2 / InstructBLIP tiny checkpoint, the trained run from it, and the checkpoint's weights."""
+    from transformers import AutoModelForImageTextToText
+
+    from pg_train.synthetic import write_tiny_blip
+
+    folder = write_tiny_blip(tmp_path / "blip", tiny_models["t5"], instruct=instruct)
+    out = tmp_path / "run"
+    train(_cfg(tiny_models, tiny_pairs, out, init_from=str(folder), layer=0, stage0_steps=0, aux_weight=0.0,
+               text_first_steps=0, text_first_frac=0.0, distill_weight=0.0, scale_match=False,
+               stage1_steps=stage1_steps, stage2_steps=2))
+    return out, dict(AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+
+
+def _moved(before: dict, model) -> set[str]:
+    after = dict(model.named_parameters())
+    return {n for n, p in before.items() if not torch.equal(p, after[n])}
+
+
+def test_an_hf_blip2_checkpoint_trains_through_the_same_trainer(tiny_models, tiny_pairs, tmp_path):
+    """``--init-from`` an HF BLIP-2 (FlanT5) checkpoint: stage 1 trains the Q-Former side, stage 2 the T5 too; the
+    saved model is the grounded BLIP-2 with its query rows bypassing the encoder."""
+    from pg_train.modeling_grounded_encdec import GroundedBlip2ForConditionalGeneration
+    from pg_train.vlm import load_vlm
+
+    out, before = _blip_run(tiny_models, tiny_pairs, tmp_path, instruct=False, stage1_steps=2)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 1, 2, 2]
+    assert all(r["grad_norm"]["projector"] > 0 for r in records)
+    assert all(r["grad_norm"]["lm"] > 0 for r in records if r["stage"] == 2)
+    model = load_vlm(out / "model").model
+    assert isinstance(model, GroundedBlip2ForConditionalGeneration) and model.config.bypass_encoder
+    moved = _moved(before, model)
+    assert any(n.startswith("qformer.") for n in moved) and "query_tokens" in moved
+    assert not any(n.startswith("vision_model.") for n in moved)  # the frozen encoder stays as it was
+
+
+def test_an_instructblip_checkpoint_trains_and_evaluates(tiny_models, tiny_pairs, tmp_path):
+    """``--init-from`` an HF InstructBLIP (T5) checkpoint: its Q-Former reads each image's instruction (from the
+    checkpoint's ``qformer_tokenizer/``) in pg-train and pg-eval; the query rows bypass the encoder."""
+    from pg_train.cli import eval_cli
+    from pg_train.modeling_grounded_encdec import GroundedInstructBlipForConditionalGeneration
+    from pg_train.vlm import load_vlm
+
+    out, before = _blip_run(tiny_models, tiny_pairs, tmp_path, instruct=True, stage1_steps=1)
+    vlm = load_vlm(out / "model")
+    assert isinstance(vlm.model, GroundedInstructBlipForConditionalGeneration) and vlm.qformer_tokenizer is not None
+    moved = _moved(before, vlm.model)
+    assert any(n.startswith("qformer.") for n in moved) and not any(n.startswith("vision_model.") for n in moved)
+    assert eval_cli([str(out), "--quiet", "--no-rank-all", "--max-new-tokens", "2", "--precision", "fp32",
+                     "--bench-repeats", "1"]) == 0
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    assert result["bypass_encoder"] is True and result["mcq"]["image"]["n"] == 4 * result["n_images"]
+    # the instruction matters: the same image under another question gives other query rows
+    feats = vlm.model.encode_images(torch.zeros(1, 3, 8, 8))
+    a = vlm.model.project(feats, **vlm.qformer_inputs(["What is this ?"]))
+    b = vlm.model.project(feats, **vlm.qformer_inputs(["a big red tree"]))
+    assert not torch.allclose(a, b)

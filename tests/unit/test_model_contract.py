@@ -15,6 +15,7 @@ from pg_train.grounding import CACHE_FIELD, GroundedCache, GroundingError
 from pg_train.modeling_grounded_llava import GroundedLlavaForConditionalGeneration
 from pg_train.synthetic import WORDS, tiny_llama_config
 from tests.conftest import vlm_batch
+from tests.standalone import generate_without_project
 
 N = 4  # LM layers
 LAYERS = [0, 1, N // 2, N]
@@ -236,37 +237,8 @@ def test_output_attentions_needs_eager(batch):
 # checkpoints that travel, adapters
 
 
-_LOAD_WITHOUT_PROJECT = r'''
-import sys
-
-
-class _Blocked:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("pg_train", "pg_analysis", "tests"):
-            raise ImportError(f"{name} is blocked: the checkpoint must load without the project")
-
-
-sys.meta_path.insert(0, _Blocked())
-import torch
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-folder, inputs, result = sys.argv[1:4]
-model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
-processor = AutoImageProcessor.from_pretrained(folder)
-kw = torch.load(inputs)
-with torch.no_grad():
-    tokens = model.generate(**kw)
-torch.save({"tokens": tokens, "module": type(model).__module__, "insert_layer": model.config.insert_layer,
-            "image_id": tokenizer.convert_tokens_to_ids("<image>"), "processor": type(processor).__name__}, result)
-'''
-
-
 def test_saved_checkpoint_loads_and_generates_with_transformers_alone(tiny_models, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     from pg_train.vlm import build_vlm
 
@@ -281,17 +253,9 @@ def test_saved_checkpoint_loads_and_generates_with_transformers_alone(tiny_model
     ids, mask, px = vlm_batch(vlm.image_token_id, vlm.model.num_image_tokens, seed=2)
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=6, do_sample=False,
               pad_token_id=3, eos_token_id=None)
-    torch.save(kw, tmp_path / "inputs.pt")
-    (tmp_path / "load.py").write_text(_LOAD_WITHOUT_PROJECT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "model"),
-                          str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    out = generate_without_project(tmp_path / "model", kw, tmp_path / "standalone", with_processors=True)
     assert out["module"].startswith("transformers_modules.")  # the checkpoint's own code, not this project's
-    assert out["insert_layer"] == 2 and out["image_id"] == vlm.image_token_id
+    assert out["config"]["insert_layer"] == 2 and out["image_id"] == vlm.image_token_id
     with torch.no_grad():
         here = vlm.model.generate(**kw)
     assert torch.equal(out["tokens"], here)
