@@ -135,9 +135,8 @@ class TrainConfig:
     batch_size: int = option(16, "global batch: examples per optimizer step over all processes and micro-batches "
                                  "(default: %(default)s)")
     grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation) (default: %(default)s)")
-    warmup_frac: float = option(0.03, "fraction of stage-1 and stage-2 steps with linear warm-up (from lr 0, as "
-                                      "transformers) before the cosine decay; the stage-0 warm-up starts at its "
-                                      "peak lr (default: %(default)s)")
+    warmup_frac: float = option(0.03, "fraction of each stage's steps with linear warm-up (from lr 0, as "
+                                      "transformers) before the cosine decay (default: %(default)s)")
     weight_decay: float = option(0.0, "AdamW weight decay (default: %(default)s)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables (default: %(default)s)")
     precision: str = option("bf16", "bf16 (autocast) or fp32 (default: %(default)s)")

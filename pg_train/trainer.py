@@ -424,10 +424,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                2: {"projector": cfg.stage2_projector_lr, "lm": cfg.stage2_lr}}[stage]
         param_groups = [{"params": groups[k], "lr": lr, "name": k} for k, lr in lrs.items() if groups[k]]
         optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-        # transformers' warm-up starts at lr 0; stage 0 (a few full-batch InfoNCE steps on a scale-matched
-        # projector) starts at its peak lr instead, as the paper's warm-up did (docs/recipe.md)
-        warmup = 0 if stage == 0 else int(cfg.warmup_frac * steps[stage])
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps[stage])
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * steps[stage]), steps[stage])
         # inside the window [L, K) only: there every row is present (layers >= K run on the text rows alone)
         picks = (distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers)
                  if stage == 2 and cfg.distill_weight else [])
