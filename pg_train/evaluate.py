@@ -355,7 +355,7 @@ class Evaluator:
     def efficiency(self) -> dict[str, Any]:
         """MCQ prefill latency (one batch) at the model's window (L, K) and as the ordinary model (0, N), with the
         FLOP prediction."""
-        from .bench import FlopModel, timed_call
+        from .bench import FlopModel
 
         exs = self.prompts(self.records["mcq"][:self.cfg.batch_size], "image")
         batch = self._batch(exs)
@@ -371,11 +371,7 @@ class Evaluator:
                 self.model.set_exit_layer(None)  # widen first, so any L is allowed, then narrow
                 self.model.set_insert_layer(window[0])
                 self.model.set_exit_layer(window[1])
-                best = float("inf")
-                for _ in range(max(1, self.cfg.bench_repeats)):
-                    with precision_context(self.cfg.precision, self.device):
-                        best = min(best, timed_call(lambda: self.model(**batch, logits_to_keep=1), self.device))
-                timings[window] = best
+                timings[window] = self._best_time(lambda: self.model(**batch, logits_to_keep=1))
         finally:
             self.model.set_exit_layer(None)
             self.model.set_insert_layer(layer)
@@ -386,24 +382,26 @@ class Evaluator:
                 "vision_tokens": v, "prefill_s": timings[(layer, exit_layer)], "prefill_s_L0": timings[(0, None)],
                 "measured_ratio": measured, "predicted_ratio": predicted}
 
+    def _best_time(self, call: Any) -> float:
+        """The fastest of ``bench_repeats`` (at least one) timed calls, under the evaluation's precision."""
+        from .bench import timed_call
+
+        best = float("inf")
+        for _ in range(max(1, self.cfg.bench_repeats)):
+            with precision_context(self.cfg.precision, self.device):
+                best = min(best, timed_call(call, self.device))
+        return best
 
     def _bypass_efficiency(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """An encoder–decoder LM: prefill (encoder + first decoder step) with the vision rows bypassing the
         encoder and going through it (measured; no FLOP model for T5 here)."""
-        from .bench import timed_call
-
         config, timings = self.model.config, {}
         bypass = config.bypass_encoder
         start = self._decoder_start(len(batch["input_ids"]))
         try:
             for mode in dict.fromkeys([False, bypass]):
                 config.bypass_encoder = mode
-                best = float("inf")
-                for _ in range(max(1, self.cfg.bench_repeats)):
-                    with precision_context(self.cfg.precision, self.device):
-                        best = min(best, timed_call(lambda: self.model(**batch, decoder_input_ids=start),
-                                                    self.device))
-                timings[mode] = best
+                timings[mode] = self._best_time(lambda: self.model(**batch, decoder_input_ids=start))
         finally:
             config.bypass_encoder = bypass
         v = self.model.num_image_tokens

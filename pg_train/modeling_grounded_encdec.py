@@ -32,14 +32,13 @@ from typing import Any
 import torch
 from transformers import (AutoModel, AutoModelForSeq2SeqLM, Blip2ForConditionalGeneration, GenerationMixin,
                           InstructBlipForConditionalGeneration, PreTrainedModel)
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration_grounded_encdec import (GroundedBlip2Config, GroundedInstructBlipConfig,
                                             GroundedVisionT5Config)
 from .grounding import GroundingError, pack_rows, scatter_rows
-from .modeling_grounded_llava import VisionProjector, pool_patch_grid
+from .modeling_grounded_llava import ProjectorInit, VisionProjector, placeholder_mask, select_features
 
 
 def bypass_memory(encoder: Any, inputs_embeds: torch.Tensor, vision_mask: torch.Tensor,
@@ -105,20 +104,14 @@ class _EncoderBypass:
         """``[n_images, Q, d]`` rows for the LM (None without an image), the tower's and the Q-Former's outputs."""
         raise NotImplementedError
 
-    def _placeholders(self, input_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
-        token = self.config.image_token_index
-        if input_ids is not None:
-            return input_ids == token
-        token = torch.full((), token, dtype=torch.long, device=embeds.device)
-        return (embeds == self.get_input_embeddings()(token).to(embeds.dtype)).all(-1)
-
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with the vision rows written into the placeholders; ``(embeds, vision_mask)``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise GroundingError("give exactly one of input_ids and inputs_embeds")
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-        vision_mask = self._placeholders(input_ids, embeds)
+        vision_mask = placeholder_mask(input_ids, embeds, self.config.image_token_index,
+                                       self.get_input_embeddings())
         n_rows = 0 if rows is None else rows.shape[0] * rows.shape[1]
         if int(vision_mask.sum()) != n_rows:
             raise GroundingError(f"image tokens and image features do not match: {int(vision_mask.sum())} image "
@@ -340,17 +333,11 @@ class GroundedInstructBlipForConditionalGeneration(_EncoderBypass, InstructBlipF
         return self._lm_generate(pixel_values, input_ids, attention_mask, inputs_embeds, vision, generate_kwargs)
 
 
-class GroundedVisionT5PreTrainedModel(PreTrainedModel):
+class GroundedVisionT5PreTrainedModel(ProjectorInit, PreTrainedModel):
     config_class = GroundedVisionT5Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, VisionProjector):
-            init.ones_(module.gain)
-            init.zeros_(module.offset)
 
 
 class GroundedVisionT5ForConditionalGeneration(_EncoderBypass, GroundedVisionT5PreTrainedModel, GenerationMixin):
@@ -386,14 +373,10 @@ class GroundedVisionT5ForConditionalGeneration(_EncoderBypass, GroundedVisionT5P
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen part: ``[n_images, 3, H, W]`` → selected, pooled tower features ``[n_images, P, D_v]``."""
-        tower, config = self.vision_tower, self.config
+        tower = self.vision_tower
         hidden = tower(pixel_values.to(tower.device, tower.dtype), output_hidden_states=True,
-                       return_dict=True).hidden_states[config.vision_feature_layer]
-        n_prefix = config.n_prefix_tokens
-        patches = pool_patch_grid(hidden[:, n_prefix:], config.vision_pool)
-        if config.vision_feature_select_strategy == "full":
-            return torch.cat([hidden[:, :n_prefix], patches], 1)
-        return patches
+                       return_dict=True).hidden_states[self.config.vision_feature_layer]
+        return select_features(hidden, self.config)
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The trained part: ``[n_images, P, D_v]`` → ``[n_images, P, d]``."""

@@ -88,7 +88,28 @@ def pool_patch_grid(patches: torch.Tensor, kernel: int) -> torch.Tensor:
     return nn.functional.avg_pool2d(grid, kernel).flatten(2).transpose(1, 2)
 
 
-class _ProjectorInit:
+def select_features(hidden: torch.Tensor, config: GroundedLlavaConfig) -> torch.Tensor:
+    """One tower layer's output ``[n_images, 1 + R + P, D_v]`` → the vision rows' features: prefix tokens (CLS +
+    registers) dropped unless ``vision_feature_select_strategy == "full"``, the patch grid pooled by
+    ``vision_pool``."""
+    n_prefix = config.n_prefix_tokens
+    patches = pool_patch_grid(hidden[:, n_prefix:], config.vision_pool)
+    if config.vision_feature_select_strategy == "full":
+        return torch.cat([hidden[:, :n_prefix], patches], 1)
+    return patches
+
+
+def placeholder_mask(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, token_id: int,
+                     embeddings: nn.Module) -> torch.Tensor:
+    """``[B, T]`` True at image placeholders: by id, or (``inputs_embeds`` only) where a row equals the
+    placeholder's embedding, as HF's LLaVA finds them."""
+    if input_ids is not None:
+        return input_ids == token_id
+    token = torch.full((), token_id, dtype=torch.long, device=inputs_embeds.device)
+    return (inputs_embeds == embeddings(token).to(inputs_embeds.dtype)).all(-1)
+
+
+class ProjectorInit:
     """HF initialises parameters missing from a checkpoint through ``_init_weights``: the gain starts at 1, the
     offset at 0 (an HF LLaVA checkpoint, or one saved before the offset existed, loads unchanged)."""
 
@@ -99,7 +120,7 @@ class _ProjectorInit:
             init.zeros_(module.offset)
 
 
-class GroundedLlavaModel(_ProjectorInit, LlavaModel):
+class GroundedLlavaModel(ProjectorInit, LlavaModel):
     """``LlavaModel``'s parts (vision tower, projector, language model) with :class:`VisionProjector`."""
 
     config_class = GroundedLlavaConfig
@@ -112,7 +133,7 @@ class GroundedLlavaModel(_ProjectorInit, LlavaModel):
         self.post_init()
 
 
-class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalGeneration):
+class GroundedLlavaForConditionalGeneration(ProjectorInit, LlavaForConditionalGeneration):
     """A LLaVA whose vision rows enter the language model at layer ``config.insert_layer``."""
 
     config_class = GroundedLlavaConfig
@@ -159,21 +180,13 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
     def decoder_parts(self) -> DecoderParts:
         return DecoderParts(self.config.text_config, self.model.language_model, self.lm_head)
 
-    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Feature selection (prefix tokens dropped unless ``"full"``) and pooling of one tower layer."""
-        n_prefix = self.config.n_prefix_tokens
-        patches = pool_patch_grid(hidden[:, n_prefix:], self.config.vision_pool)
-        if self.config.vision_feature_select_strategy == "full":
-            return torch.cat([hidden[:, :n_prefix], patches], 1)
-        return patches
-
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen part: ``pixel_values [n_images, 3, H, W]`` → selected, pooled features ``[n_images, P, D_v]``."""
         tower = self.model.vision_tower
         px = pixel_values.to(tower.device, tower.dtype)
         hidden = tower(px, output_hidden_states=True, return_dict=True).hidden_states[self.config.vision_feature_layer]
-        return self._select(hidden)
+        return select_features(hidden, self.config)
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The trained part: ``[n_images, P, D_v]`` → ``[n_images, P, d]`` in the LM's embedding space."""
@@ -193,16 +206,8 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
         tower = self.model.vision_tower
         out = tower(pixel_values.to(tower.device, tower.dtype), output_hidden_states=True, return_dict=True,
                     **kwargs)
-        out.pooler_output = list(self.project(self._select(out.hidden_states[layer])))
+        out.pooler_output = list(self.project(select_features(out.hidden_states[layer], self.config)))
         return out if return_dict is not False else out.to_tuple()
-
-    def _image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` True at image placeholders: by id, or (``inputs_embeds`` only) where a row equals the
-        placeholder's embedding, as HF's LLaVA finds them."""
-        if input_ids is not None:
-            return input_ids == self.config.image_token_index
-        token = torch.full((), self.config.image_token_index, dtype=torch.long, device=inputs_embeds.device)
-        return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
 
     def embed(self, input_ids: torch.Tensor | None, vision_embeds: torch.Tensor | None,
               inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +215,8 @@ class GroundedLlavaForConditionalGeneration(_ProjectorInit, LlavaForConditionalG
         positions. ``vision_embeds [n_images, P, d]`` in order of appearance. Returns ``(inputs_embeds,
         vision_mask)``."""
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-        vision_mask = self._image_mask(input_ids, embeds)
+        vision_mask = placeholder_mask(input_ids, embeds, self.config.image_token_index,
+                                       self.get_input_embeddings())
         n_tokens = int(vision_mask.sum())
         n_feats = 0 if vision_embeds is None else vision_embeds.shape[0] * vision_embeds.shape[1]
         if n_tokens != n_feats:

@@ -175,8 +175,11 @@ def test_bypass_memory_checks_and_text_free_prompts():
     ids, mask, px, dec = batch()
     with pytest.raises(GroundingError, match="image tokens and image features"):
         model(pixel_values=px[:1], input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
-    tokens = model.generate(px, max_new_tokens=2, do_sample=False)  # no prompt: HF's default of the image alone
-    assert tokens.shape[0] == 2
+    # no prompt: the image alone (as HF's BLIP), whose memory is its query rows; greedy equals recompute
+    tokens = model.generate(px, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    alone = torch.full((2, Q), IMG)
+    assert torch.equal(tokens, greedy_by_recompute(model, 3, pixel_values=px, input_ids=alone,
+                                                   attention_mask=torch.ones_like(alone)))
 
 
 def test_bypass_needs_an_encoder_decoder_lm():
