@@ -10,7 +10,9 @@
 - **text-twin distillation** (:func:`state_match_loss`, ``distill_weight``) — stage 2: an image example's states
   after the image pulled towards those of the same model reading the caption as text in place of the image.
 
-The InfoNCE and distillation terms are batch statistics (in-batch negatives, the teacher rows' spread): on several
+The InfoNCE terms run in fp32 even under bf16 autocast (:func:`info_nce`, :meth:`Objective.pooled`): cosines divided by ``tau`` = 0.07
+amplify bf16's rounding of the projected rows, and centring subtracts the LM's mean token state, a component the
+rows share. The InfoNCE and distillation terms are batch statistics (in-batch negatives, the teacher rows' spread): on several
 processes each process computes them over its own share of the batch.
 """
 
@@ -25,12 +27,19 @@ from pg_analysis.interp import capture_outputs
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
-    """Symmetric InfoNCE between paired rows of ``a [N, d]`` and ``b [N, d]`` (cosine similarity / ``tau``)."""
-    a = nn.functional.normalize(a.float(), dim=-1)
-    b = nn.functional.normalize(b.float(), dim=-1)
-    logits = a @ b.T / tau
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+    """Symmetric InfoNCE between paired rows of ``a [N, d]`` and ``b [N, d]`` (cosine similarity / ``tau``), in
+    fp32 even under autocast."""
+    with fp32(a):
+        a = nn.functional.normalize(a.float(), dim=-1)
+        b = nn.functional.normalize(b.float(), dim=-1)
+        logits = a @ b.T / tau
+        target = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+
+
+def fp32(like: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: what runs inside keeps its inputs' precision."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def common_suffix_length(a: list[int], b: list[int]) -> int:
@@ -93,8 +102,9 @@ class Objective(nn.Module):
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         """Each image's mean projected row, centred by the LM's mean token state at L when the targets are (the
-        shared component would otherwise dominate every cosine)."""
-        pooled = self.model.project(features).mean(1)
+        shared component would otherwise dominate every cosine). In fp32, autocast or not (see the module's doc)."""
+        with fp32(features):
+            pooled = self.model.project(features.float()).mean(1)
         return pooled - self.token_mean.to(pooled) if self.token_mean is not None else pooled
 
     def forward(self, stage: int, inputs: dict[str, torch.Tensor] | None = None, num_items: float = 1.0,

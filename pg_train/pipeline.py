@@ -242,13 +242,16 @@ class EpochSampler(Sampler):
 
     transformers' ``get_length_grouped_indices`` (what its ``LengthGroupedSampler`` yields) sorts the samples of each
     mega-batch of ``group`` batches by length, longest first; its batches then come in that sorted order. Here the
-    full batches are dealt in a seeded random order instead (the longest still first, so memory peaks at once):
-    sorted order would run every mega-batch from its longest to its shortest records — on the offline data, ~25
-    multiple-choice steps, then ~7 captioning steps, every cycle, the last steps of a run all of one kind."""
+    batches of each mega-batch are dealt in a seeded random order instead (the run's longest batch still first, so
+    memory peaks at once). Sorted order would run every mega-batch from its longest to its shortest records — on the
+    offline data ~25 multiple-choice steps, then ~7 captioning steps, every cycle. Dealing within a mega-batch keeps
+    every ``group`` consecutive steps a sample of the data's mix of lengths (tasks); dealing over the whole epoch
+    lets one kind of batch run on for many steps (docs/experiments.md, 2026-12-02)."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, stage: int, group: int | None = None):
         self.lengths, self.batch_size, self.seed, self.stage, self.epoch = lengths, batch_size, seed, stage, 0
-        self.group = group
+        # transformers' default mega-batch when none is given, stated here so the deal knows its bounds
+        self.group = group or max(1, min(len(lengths) // (4 * batch_size), 50))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -265,5 +268,10 @@ class EpochSampler(Sampler):
                                            generator=generator)
         b = self.batch_size
         full = len(order) // b
-        deal = [0] + (1 + torch.randperm(full - 1, generator=generator)).tolist() if full > 1 else list(range(full))
+        deal = []
+        for start in range(0, full, self.group):
+            size = min(self.group, full - start)
+            deal += (start + torch.randperm(size, generator=generator)).tolist()
+        first = deal.index(0)
+        deal[0], deal[first] = deal[first], deal[0]  # the longest batch first
         return iter([i for k in deal for i in order[k * b:(k + 1) * b]] + order[full * b:])

@@ -92,6 +92,15 @@ def test_the_sampler_groups_by_length_in_random_order_as_a_function_of_the_epoch
     assert lengths[batches[0]].max() == 100  # the longest batch first
     longs = [lengths[b].min() > 50 for b in batches]
     assert longs != sorted(longs, reverse=True)  # not all long batches, then all short ones
+    assert s.group == 4  # transformers' default: min(65 // (4 x 4), 50)
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    seed = int(np.random.SeedSequence([0, 2, 0]).generate_state(1)[0])
+    mega = get_length_grouped_indices(lengths.tolist(), 4, mega_batch_mult=4,
+                                      generator=torch.Generator().manual_seed(seed))
+    for k in range(0, 64, 16):  # each mega-batch's 4 batches come together, in a random order within it
+        assert sorted(first[k:k + 16]) == sorted(mega[k:k + 16])
+    assert first[:64] != mega[:64]
     grouped = EpochSampler(lengths, 4, seed=0, stage=2, group=2)  # mega-batches of 2 batches
     assert sorted(grouped) == list(range(65)) and list(grouped) != first
 

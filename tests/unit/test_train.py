@@ -150,6 +150,25 @@ def test_aux_loss_counts_each_image_once():
     assert float(objective._aux(feats[:2], torch.tensor([1, 1]))) == 0.0
 
 
+def test_infonce_rows_are_fp32_under_bf16_autocast():
+    from pg_train.losses import Objective
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    model = torch.nn.Module()
+    model.project = lin  # an fp32 projector, as the trainer keeps it (autocast would run it in bf16)
+    mean, targets, feats = torch.randn(8) * 30, torch.randn(4, 8), torch.randn(4, 3, 8)
+    objective = Objective(model, tau=0.07, targets=targets, token_mean=mean)
+    want = objective(stage=0, features=feats)["total"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(feats).dtype == torch.bfloat16  # what the rows were before
+        pooled = objective.pooled(feats)
+        got = objective(stage=0, features=feats)["total"]
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled, lin(feats).mean(1) - mean)
+    assert torch.equal(got, want)
+
+
 def test_stage_lengths_from_steps_epochs_and_the_cap():
     assert TrainConfig().stage_steps(1, 500) == 0  # built data: stage 1 would undo the warm-up (docs/recipe.md)
     assert TrainConfig(data="llava", stage1_data="s1.json").stage_steps(1, 500) == 100
