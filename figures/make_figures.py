@@ -6,7 +6,7 @@ Reads, when present (each figure is skipped, with a line saying why, when its in
 
 | output | paper | inputs |
 |---|---|---|
-| ``fig1_tradeoff.png`` | Fig. 1 | ``<sweep>/L*/eval/eval.json`` (+ ``<recommend>/recommend.json`` marks the chosen L) |
+| ``fig1_tradeoff.png`` | Fig. 1 | ``<sweep>/sweep.json`` (``pg-sweep``; + ``<recommend>/recommend.json`` marks the chosen L) |
 | ``fig2_alignment.png`` | Fig. 2 / 5 | ``<align>/alignment.json`` |
 | ``fig3_attention.png``, ``fig6_attention_all.png``, ``fig3_profile.png`` | Fig. 3 / 6 | ``<attnmap>/attnmap.json``, ``attention.npy`` |
 | ``fig7_loss.png`` | Fig. 7 | ``<run>/log.jsonl`` of the ``--loss-runs`` |
@@ -29,7 +29,7 @@ import numpy as np
 from pg_analysis import plots
 from pg_analysis.runinfo import atomic_write_bytes
 from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, BENCH_RESULT, EVAL_DIR, EVAL_RESULT, RECOMMEND_RESULT,
-                             TRAIN_LOG)
+                             SWEEP_RESULT, TRAIN_LOG)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -41,17 +41,17 @@ def _layer_of(folder: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def sweep_points(sweep: Path, metric: str = "rank4") -> list[dict[str, Any]]:
-    """One point per ``<sweep>/L*/eval/eval.json``: L, predicted prefill saving, accuracy (``metric``) and CI."""
-    points = []
-    for folder in sorted(sweep.glob("L*"), key=_layer_of):
-        ev = _json(folder / EVAL_DIR / EVAL_RESULT)
-        if ev is None or "efficiency" not in ev:
-            continue
-        acc = ev[metric]["image"]
-        points.append({"layer": ev["insert_layer"], "saving": 1.0 - ev["efficiency"]["predicted_ratio"],
-                       "accuracy": acc["accuracy"], "ci95": acc["ci95"], "metric": f"{metric} accuracy"})
-    return points
+def sweep_points(sweep: Path) -> tuple[list[dict[str, Any]], str]:
+    """One point per trained layer of ``<sweep>/sweep.json`` (``pg-sweep``): L, predicted prefill saving at the
+    sweep's shape, mean MCQ accuracy over seeds and its bootstrap interval; and the x-axis label."""
+    result = _json(sweep / SWEEP_RESULT)
+    if result is None:
+        return [], ""
+    shape = result["shape"]
+    points = [{"layer": r["layer"], "saving": r["saving"], "accuracy": r["accuracy"], "ci95": r["interval"],
+               "metric": f"MCQ accuracy (mean of {max(x['runs'] for x in result['table'])} seeds)"}
+              for r in result["table"]]
+    return points, f"predicted prefill saving at {shape['text']} text + {shape['vision']} vision rows (%)"
 
 
 def table4(evals: dict[str, dict[str, Any]], bench: dict[str, Any] | None) -> str:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs", help="root of the saved results (default: %(default)s)")
     p.add_argument("--align", default=None, help="pg-align result (default: <runs>/align)")
     p.add_argument("--attnmap", default=None, help="pg-attnmap result (default: <runs>/attnmap)")
-    p.add_argument("--sweep", default=None, help="folder of L* pg-train runs with eval/ (default: <runs>/sweep)")
+    p.add_argument("--sweep", default=None, help="pg-sweep result (default: <runs>/sweep-result)")
     p.add_argument("--recommend", default=None, help="pg-recommend result (default: <runs>/recommend)")
     p.add_argument("--bench", default=None, help="pg-bench result (default: <runs>/bench)")
     p.add_argument("--loss-runs", nargs="*", default=None,
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     made, skipped = [], []
 
     rec = _json(at(args.recommend, "recommend") / RECOMMEND_RESULT)
-    points = sweep_points(at(args.sweep, "sweep"))
+    points, xlabel = sweep_points(at(args.sweep, "sweep-result"))
     if points:
-        plots.tradeoff_figure(points, out / "fig1_tradeoff.png", rec["recommended_layer"] if rec else None)
+        plots.tradeoff_figure(points, out / "fig1_tradeoff.png", rec["recommended_layer"] if rec else None, xlabel)
         made.append("fig1_tradeoff.png")
     else:
-        skipped.append(f"fig1_tradeoff.png (no {at(args.sweep, 'sweep')}/L*/eval/eval.json)")
+        skipped.append(f"fig1_tradeoff.png (no {at(args.sweep, 'sweep-result')}/{SWEEP_RESULT})")
 
     align = _json(at(args.align, "align") / ALIGN_RESULT)
     if align:
@@ -142,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped.append("fig7_loss.png (no log.jsonl in the --loss-runs)")
 
     evals = {run.name: ev for run in loss_runs if (ev := _json(run / EVAL_DIR / EVAL_RESULT))}
-    sweep_dir = at(args.sweep, "sweep")
-    evals.update({f"sweep/{f.name}": ev for f in sorted(sweep_dir.glob("L*"), key=_layer_of)
-                  if (ev := _json(f / EVAL_DIR / EVAL_RESULT))})
+    swept = _json(at(args.sweep, "sweep-result") / SWEEP_RESULT) or {"runs": []}
+    evals.update({f"sweep/{Path(f).name}": ev for f in swept["runs"] if (ev := _json(Path(f) / EVAL_DIR / EVAL_RESULT))})
     bench = _json(at(args.bench, "bench") / BENCH_RESULT)
     if evals or bench:
         atomic_write_bytes(out / "table4.md", table4(evals, bench).encode())

@@ -218,35 +218,47 @@ def attention_profile_figure(summary: dict[str, Any], path: Path) -> None:
 
 
 def recommendation_figure(rec: dict[str, Any], path: Path) -> None:
-    """Expected prefill saving vs the risk measures across L, the tolerance, and the recommended L."""
+    """Predicted prefill saving vs the risk measures across L, the tolerance and the recommended L; with a sweep's
+    validation, each proxy's Spearman ρ with the measured accuracy drop in the legend (✓: it predicts, and gates)."""
     plt = _pyplot()
     rows = rec["table"]
     ls = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.plot(ls, [100 * r["saving"] for r in rows], "k-o", ms=3, label="predicted prefill saving")
+    shape = rec.get("shape")
+    at = f" ({shape['text']} text + {shape['vision']} vision rows)" if shape else ""
+    ax.plot(ls, [100 * r["saving"] for r in rows], "k-o", ms=3, label="predicted prefill saving" + at)
     ax.set_xlabel("insert layer L")
     ax.set_ylabel("saving (%)")
     ax2 = ax.twinx()
+    proxies = (rec.get("validation") or {}).get("proxies", {})
     for key, label, style in (("attention_lost", "vision attention lost", "C0-s"),
-                              ("answers_changed", "answers changed (probe)", "C1-^"),
-                              ("alignment_deficit", "alignment deficit", "C2-v")):
+                              ("alignment_deficit", "alignment deficit", "C2-v"),
+                              ("entry_changed", "answers changed (entry knockout)", "C3-D"),
+                              ("entry_kl", "KL share (entry knockout)", "C4-o"),
+                              ("answers_changed", "answers changed (insertion)", "C1-^")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
+            v = proxies.get(key)
+            if v and v.get("rho") is not None:
+                label += f", ρ = {v['rho']:.2f}" + (" ✓" if v["predicts"] else "")
             ax2.plot(ls, [np.nan if y is None else y for y in ys], style, ms=3, label=label)
     ax2.axhline(rec["rule"]["tolerance"], color="grey", ls=":", lw=1, label="tolerance")
     ax2.set_ylabel("risk (fraction)")
     ax2.set_ylim(-0.02, 1.02)
     ax.axvline(rec["recommended_layer"], color="red", lw=1.2)
-    ax.set_title(f"recommended L = {rec['recommended_layer']}", fontsize=10)
+    used = ", ".join(rec["rule"]["risks_used"])
+    checked = "validated" if rec["rule"].get("validated") else "unvalidated"
+    ax.set_title(f"recommended L = {rec['recommended_layer']} (gating: {used}; {checked})", fontsize=9)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+    ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="center right")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
 
 
-def tradeoff_figure(points: list[dict[str, Any]], path: Path, recommended: int | None = None) -> None:
+def tradeoff_figure(points: list[dict[str, Any]], path: Path, recommended: int | None = None,
+                    xlabel: str = "predicted prefill saving (%)") -> None:
     """Fig. 1 style: accuracy of trained models vs their prefill saving, one point per insert layer L;
     ``points``: ``{"layer", "saving", "accuracy", "ci95"?, "label"?}``; the Pareto frontier is drawn."""
     plt = _pyplot()
@@ -265,7 +277,7 @@ def tradeoff_figure(points: list[dict[str, Any]], path: Path, recommended: int |
     front = pareto_frontier([(p["saving"], p["accuracy"]) for p in pts])
     ax.plot([100 * pts[i]["saving"] for i in front], [pts[i]["accuracy"] for i in front], "k--", lw=1,
             label="frontier")
-    ax.set_xlabel("predicted prefill saving (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(points[0].get("metric", "accuracy"))
     ax.legend(fontsize=8)
     fig.tight_layout()

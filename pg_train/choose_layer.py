@@ -1,9 +1,10 @@
 """Choosing L with a VLM: ``pg-recommend`` and ``pg-train --layer auto``.
 
 Gathers the evidence that :func:`pg_analysis.recommend.recommend` (the pure rule, documented there) turns into a
-recommendation: the saved ``pg-align`` and ``pg-attnmap`` results, the predicted prefill saving of the probe
-prompts, and the training-free probe (the baseline L = 0 VLM run grounded at each candidate L, its weights
-unchanged). Writes ``recommend.json``, ``run.json`` and ``recommend.png``.
+recommendation: the saved ``pg-align`` and ``pg-attnmap`` results, the predicted prefill saving at a prompt shape,
+the training-free proxies measured on the trained baseline (L = 0) — the entry and exit knockouts and the
+insertion probe — and, given a trained sweep (``--sweep``), each proxy's validation against it, which decides the
+gating risks. Writes ``recommend.json``, ``run.json`` and ``recommend.png``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from pg_analysis.data import load_pairs, select
 from pg_analysis.errors import InputError
 from pg_analysis.models import pick_runtime
 from pg_analysis.plots import recommendation_figure
-from pg_analysis.recommend import (DEFAULT_RISKS, RISKS, answer_shift, default_candidates, load_recommendation,
-                                   recommend)
+from pg_analysis.recommend import (DEFAULT_RISKS, RISKS, answer_shift, default_candidates, frontier_check,
+                                   load_recommendation, recommend, validate_proxies)
 from pg_analysis.runinfo import atomic_output_dir, atomic_write_json
 from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, RECOMMEND_RESULT, has_result, model_folder,
                               write_run_record)
 
-from .probe import letter_logits, load_prompt_model, mcq_prompts, mcq_records, prefill_saving
+from .probe import knockout_shift, letter_logits, load_prompt_model, mcq_prompts, mcq_records
+
+#: the paper's prompt: 88 text rows (LLaVA-1.5's mean on its benchmarks) and CLIP-L/336's 576 vision rows
+PAPER_SHAPE = (88, 576)
+#: the proxies validated against a sweep: the per-L risks of the rule
+PROXIES = ("attention_lost", "alignment_deficit", "entry_changed", "entry_kl", "answers_changed")
 
 
 @dataclass
@@ -39,14 +45,18 @@ class RecommendConfig:
     vlm: str = "runs/train-L0"  # the baseline (L = 0) VLM the probe runs grounded at each L
     align: str | None = "runs/align"  # a pg-align result folder (None: not used)
     attnmap: str | None = "runs/attnmap"  # a pg-attnmap result folder (None: not used)
-    probe: bool = True
+    probe: bool = True  # the insertion probe (answers_changed)
+    knockout: bool = True  # the entry and exit knockouts
+    sweep: list[str] | None = None  # trained sweep folders (pg-train runs with eval/): validate the proxies
+    shape: tuple[int, int] = PAPER_SHAPE  # text, vision rows the saving is predicted for
+    n_boot: int = 2000
     data: str = "tuxpaint"
     coco_root: str | None = None
-    n: int = 100  # probe questions
+    n: int = 100  # proxy questions
     layers: list[int] | None = None  # candidates (default: default_candidates(N))
     tolerance: float = 0.25
     risks: tuple[str, ...] = DEFAULT_RISKS
-    precision: str = "bf16"  # the probe's forward passes
+    precision: str = "bf16"  # the proxies' forward passes
     skip_layers: int = 2
     batch_size: int = 16
     seed: int = 0
@@ -63,6 +73,11 @@ class RecommendConfig:
         self.risks = tuple(self.risks)
         if not self.risks or set(self.risks) - set(RISKS):
             raise InputError(f"risks must be a non-empty subset of {RISKS}, got {list(self.risks)}")
+        self.shape = tuple(self.shape)
+        if len(self.shape) != 2 or self.shape[0] < 1 or self.shape[1] < 0:
+            raise InputError(f"shape must be TEXT,VISION rows with TEXT >= 1 and VISION >= 0, got {self.shape}")
+        if self.n_boot < 100:
+            raise InputError(f"n_boot must be >= 100, got {self.n_boot}")
         if self.precision not in ("bf16", "fp32"):
             raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
 
@@ -71,7 +86,10 @@ class RecommendConfig:
 
 
 def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]:
-    """Gather the evidence (saved alignment and attention results, the probe) and apply :func:`recommend`."""
+    """Gather the evidence (saved alignment and attention results, the proxies, a sweep's validation) and apply
+    :func:`recommend`."""
+    from .bench import FlopModel
+
     t0 = time.perf_counter()
     sources: dict[str, Any] = {}
     align_profile = attn_profile = None
@@ -85,9 +103,15 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
         attn_profile = m["profile"]
         sources["attention"] = {"path": cfg.attnmap, "vlm": m["vlm"], "n_prompts": m["n_prompts"],
                                 "query": m["query"]}
+    sweep = None
+    if cfg.sweep:
+        from .sweep import collect
+
+        sweep, pending = collect(cfg.sweep)
+        sources["sweep"] = {"paths": cfg.sweep, "runs": len(sweep), "pending": pending}
     pm = load_prompt_model(cfg.vlm, runtime=pick_runtime(cfg.device, "float32"))
     if pm.model.insert_layer != 0:
-        raise InputError(f"{cfg.vlm} has insert_layer={pm.model.insert_layer}; the probe needs the baseline (L=0)")
+        raise InputError(f"{cfg.vlm} has insert_layer={pm.model.insert_layer}; the proxies need the baseline (L=0)")
     n_layers = pm.model.config.text_config.num_hidden_layers
     for name, prof, expect in (("attention map", attn_profile, n_layers), ("alignment profile", align_profile,
                                                                             n_layers + 1)):
@@ -95,31 +119,64 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
             raise InputError(f"mismatched layer counts: the {name} has {len(prof)} entries, the VLM's LM has "
                              f"{n_layers} layers (expected {expect})")
     layers = sorted(set(cfg.layers or default_candidates(n_layers)) | {0})
+    if sweep:
+        layers = sorted(set(layers) | {r.layer for r in sweep})  # every trained layer gets its proxies
     if layers[-1] > n_layers:
         raise InputError(f"layer {layers[-1]} exceeds the LM's {n_layers} layers")
-    pairs = load_pairs(cfg.data, cfg.coco_root)
-    records = mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed)
-    cache = feature_cache_dir(cfg.cache_dir)
-    prompts = mcq_prompts(pm, records, cache, progress=progress)
-    saving = dict(zip(layers, prefill_saving(pm, prompts, layers)))
-    probe = None
-    if cfg.probe:
-        answers = np.array(["ABCD".index(r["answer"]) for r in records])
-        probe, base = {}, None
-        for layer in tqdm(layers, desc="probe L", disable=not progress):
-            logits = letter_logits(pm, prompts, insert_layer=layer, batch_size=cfg.batch_size,
-                                   precision=cfg.precision)
-            base = logits if base is None else base
-            changed, kl = answer_shift(base, logits)
-            probe[layer] = {"answers_changed": changed, "kl": kl,
-                            "accuracy": float((logits.argmax(1).numpy() == answers).mean())}
-        sources["probe"] = {"vlm": cfg.vlm, "data": cfg.data, "n_questions": len(records)}
+    flops = FlopModel.of(pm.model.decoder_parts())
+    saving = {layer: 1.0 - flops.prefill_ratio(cfg.shape[0], cfg.shape[1], layer) for layer in layers}
+    proxies: dict[int, dict[str, Any]] = {layer: {} for layer in layers}
+    exit_table = None
+    if cfg.probe or cfg.knockout:
+        pairs = load_pairs(cfg.data, cfg.coco_root)
+        records = mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed)
+        prompts = mcq_prompts(pm, records, feature_cache_dir(cfg.cache_dir), progress=progress)
+        sources["proxies"] = {"vlm": cfg.vlm, "data": cfg.data, "n_questions": len(records)}
+        if cfg.knockout:
+            entry = knockout_shift(pm, prompts, sorted(set(layers) | {n_layers}), "entry", cfg.batch_size,
+                                   cfg.precision, progress)
+            full_kl = entry[n_layers]["kl"]
+            for layer in layers:
+                e = entry[layer]
+                proxies[layer].update(entry_changed=e["answers_changed"], entry_kl_raw=e["kl"],
+                                      entry_kl=min(1.0, e["kl"] / full_kl) if full_kl > 0 else 0.0,
+                                      entry_accuracy=e["accuracy"])
+            exits = knockout_shift(pm, prompts, layers, "exit", cfg.batch_size, cfg.precision, progress)
+            exit_table = [{"exit_layer": k, **v} for k, v in sorted(exits.items())]
+        if cfg.probe:
+            base = None
+            for layer in tqdm(layers, desc="insertion probe L", disable=not progress):
+                logits = letter_logits(pm, prompts, insert_layer=layer, batch_size=cfg.batch_size,
+                                       precision=cfg.precision)
+                base = logits if base is None else base
+                changed, kl = answer_shift(base, logits)
+                proxies[layer].update(answers_changed=changed, kl=kl,
+                                      accuracy=float((logits.argmax(1).numpy() == prompts.answers).mean()))
     if not sources:
-        raise InputError("no evidence: pass --align and/or --attnmap results, or keep the probe on")
-    rec = recommend(saving, attn_profile, align_profile, probe, cfg.tolerance, cfg.skip_layers, cfg.risks)
+        raise InputError("no evidence: pass --align and/or --attnmap results, or keep the proxies on")
+    risks, validation = tuple(cfg.risks), None
+    if sweep:
+        rec0 = recommend(saving, attn_profile, align_profile, proxies if any(proxies.values()) else None,
+                         cfg.tolerance, cfg.skip_layers, cfg.risks)  # every measured risk, per layer
+        per_proxy = {k: {r["layer"]: r[k] for r in rec0["table"] if r.get(k) is not None}
+                     for k in PROXIES if any(r.get(k) is not None for r in rec0["table"])}
+        correct: dict[int, list[Any]] = {}
+        for run in sweep:
+            correct.setdefault(run.layer, []).append(np.array(run.correct))
+        validation = validate_proxies(per_proxy, correct, cfg.n_boot, cfg.seed)
+        predicting = tuple(k for k, v in validation["proxies"].items() if v["predicts"])
+        validation["predicting"] = list(predicting)
+        risks = predicting or risks
+    rec = recommend(saving, attn_profile, align_profile, proxies if any(proxies.values()) else None,
+                    cfg.tolerance, cfg.skip_layers, risks)
+    rec["rule"]["validated"] = bool(validation and validation["predicting"])
+    if validation is not None:
+        validation["frontier"] = frontier_check(rec["recommended_layer"], saving, validation["table"])
+        rec["validation"] = validation
+    if exit_table is not None:
+        rec["exit_knockout"] = exit_table
     rec["evidence"] = sources
-    rec["prompt_tokens"] = {"text": float(np.mean([len(e.input_ids) for e in prompts.examples]))
-                            - pm.model.num_image_tokens, "vision": pm.model.num_image_tokens}
+    rec["shape"] = {"text": cfg.shape[0], "vision": cfg.shape[1]}
     rec["seconds"] = time.perf_counter() - t0
     return rec
 

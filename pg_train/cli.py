@@ -1,5 +1,5 @@
 """Entry points of the commands that run a grounded model or a VLM: pg-train, pg-eval, pg-bench, pg-attnmap,
-pg-recommend (pg-align and pg-assets: :mod:`pg_analysis.cli`)."""
+pg-recommend, pg-sweep (pg-align and pg-assets: :mod:`pg_analysis.cli`)."""
 
 from __future__ import annotations
 
@@ -298,31 +298,42 @@ attnmap_main = entry_point(attnmap)
 
 
 def recommend_parser() -> argparse.ArgumentParser:
+    from pg_analysis.recommend import RISKS
+
     from .choose_layer import RecommendConfig
 
     d = RecommendConfig()
     p = Parser(
         prog="pg-recommend",
         description="Recommend the insert layer L from the alignment profile (pg-align), the attention profile "
-                    "(pg-attnmap) and a training-free probe (the baseline VLM run grounded at each L). Rule: the "
-                    "largest L such that every L' <= L keeps every risk <= --tolerance.")
+                    "(pg-attnmap) and training-free proxies measured on the baseline VLM (entry and exit "
+                    "knockouts, the insertion probe); with --sweep, the proxies that predict a trained sweep's "
+                    "accuracy drop gate. Rule: the largest L such that every L' <= L keeps every gating risk "
+                    "<= --tolerance.")
     p.add_argument("--vlm", default=d.vlm, help="baseline L=0 VLM (pg-train run or LLaVA) (default: %(default)s)")
     p.add_argument("--align", default=d.align, help="pg-align result folder, or 'none' (default: %(default)s)")
     p.add_argument("--attnmap", default=d.attnmap, help="pg-attnmap result folder, or 'none' (default: %(default)s)")
-    p.add_argument("--no-probe", action="store_true", help="skip the training-free probe")
-    p.add_argument("--n", type=int, default=d.n, help="probe questions (default: %(default)s)")
+    p.add_argument("--no-probe", action="store_true", help="skip the insertion probe (answers_changed)")
+    p.add_argument("--no-knockout", action="store_true", help="skip the entry and exit knockouts")
+    p.add_argument("--sweep", nargs="+", default=None,
+                   help="trained sweep folders (pg-train runs with eval/, one recipe): validate each proxy "
+                        "against their accuracy drop; the proxies that predict gate")
+    p.add_argument("--shape", type=int_list, default=list(d.shape),
+                   help="TEXT,VISION rows the prefill saving is predicted for (default: the paper's 88,576)")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap replicates (default: %(default)s)")
+    p.add_argument("--n", type=int, default=d.n, help="proxy questions (default: %(default)s)")
     p.add_argument("--layers", type=int_list, default=None,
                    help="candidate layers, e.g. 0,2,4,8 (default: 0-4, 6, 8, every 4th, N)")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help="largest admissible risk, a fraction (default: %(default)s)")
     p.add_argument("--risks", default=",".join(d.risks),
-                   help="gating risks, comma-separated, of attention_lost, answers_changed (the probe), "
-                        "alignment_deficit (default: %(default)s)")
+                   help="gating risks without a sweep (or when no proxy predicts), comma-separated, of "
+                        f"{', '.join(RISKS)} (default: %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=d.precision,
-                   help="the probe's forward passes (default: %(default)s)")
+                   help="the proxies' forward passes (default: %(default)s)")
     p.add_argument("--skip-layers", type=int, default=d.skip_layers,
                    help="first layers left out of the attention risk (default: %(default)s)")
-    _vlm_run_args(p, d, "runs/recommend", "probe pairs and distractors")
+    _vlm_run_args(p, d, "runs/recommend", "proxy pairs and distractors")
     return p
 
 
@@ -336,6 +347,8 @@ def _recommend_main(args: argparse.Namespace) -> int:
     check_writable_parent(out)
     none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
     cfg = RecommendConfig(vlm=args.vlm, align=none(args.align), attnmap=none(args.attnmap), probe=not args.no_probe,
+                          knockout=not args.no_knockout, sweep=args.sweep, shape=tuple(args.shape),
+                          n_boot=args.n_boot,
                           data=args.data, coco_root=args.coco_root, n=args.n, layers=args.layers,
                           tolerance=args.tolerance, risks=tuple(x.strip() for x in args.risks.split(",") if x.strip()),
                           precision=args.precision, skip_layers=args.skip_layers, batch_size=args.batch_size,
@@ -346,6 +359,18 @@ def _recommend_main(args: argparse.Namespace) -> int:
     r = rec["rule"]
     print(f"recommended insert layer: L = {rec['recommended_layer']} (tolerance {r['tolerance']}; risks used: "
           f"{', '.join(r['risks_used'])}{'; missing: ' + ', '.join(r['risks_missing']) if r['risks_missing'] else ''})")
+    v = rec.get("validation")
+    if v is not None:
+        for name, p in v["proxies"].items():
+            rho = "-" if p["rho"] is None else f"{p['rho']:.2f} [{p['interval'][0]:.2f}, {p['interval'][1]:.2f}]"
+            print(f"  {name:>17}: Spearman with the sweep's accuracy drop {rho}"
+                  f"{'  predicts' if p['predicts'] else ''}")
+        if not v["predicting"]:
+            print("no proxy predicts the sweep's accuracy drop: the rule falls back on --risks, unvalidated")
+        f = v["frontier"]
+        where = ("not trained in the sweep" if not f["trained"] else "on the measured frontier within its interval"
+                 if f["on_frontier"] else f"off the measured frontier (dominated by L = {f['dominated_by']})")
+        print(f"L = {f['layer']} is {where}")
     print(f"wrote {out}/: recommend.json run.json recommend.png")
     return 0
 
@@ -355,3 +380,97 @@ def recommend(argv: Sequence[str] | None = None) -> int:
 
 
 recommend_main = entry_point(recommend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pg-sweep
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pg-sweep",
+               description="Collect a trained insert-layer sweep (pg-train runs of one recipe at several L and seeds, "
+                           "each with pg-eval's eval/) into one table: MCQ mean per L with a bootstrap interval over "
+                           "seeds and questions, controls, ranking, train tokens/s, prefill time; and the Fig. 1-style "
+                           "trade-off plot.")
+    p.add_argument("roots", nargs="+", help="folders holding the runs (searched one level down)")
+    p.add_argument("--out", default="runs/sweep-result", help="output folder (default: %(default)s)")
+    p.add_argument("--shape", type=int_list, default=[88, 576],
+                   help="TEXT,VISION rows the prefill saving is predicted for (default: the paper's 88,576)")
+    p.add_argument("--bench", default=None,
+                   help="a pg-bench result at that shape (bench.json): its measured prefill time per L joins the table")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    return p
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
+    from pg_analysis.errors import InputError
+    from pg_analysis.plots import tradeoff_figure
+    from pg_analysis.runinfo import atomic_output_dir, atomic_write_json, check_writable_parent
+    from pg_analysis.runs import SWEEP_RESULT, write_run_record
+
+    from .sweep import collect, predicted_savings, summarize
+
+    if len(args.shape) != 2 or args.shape[0] < 1 or args.shape[1] < 0:
+        raise InputError(f"--shape must be TEXT,VISION with TEXT >= 1 and VISION >= 0, got {args.shape}")
+    if args.n_boot < 100:
+        raise InputError(f"--n-boot must be >= 100, got {args.n_boot}")
+    out = Path(args.out)
+    check_writable_parent(out)
+    runs, pending = collect(args.roots)
+    result = summarize(runs, args.n_boot, args.seed)
+    saving = predicted_savings(runs[0].path, [r["layer"] for r in result["table"]], tuple(args.shape))
+    bench = None
+    if args.bench:
+        from pg_analysis.runs import BENCH_RESULT, read_result_json
+
+        bench = read_result_json(Path(args.bench), BENCH_RESULT, "pg-bench", keys=("rows", "config"))
+        shape = (bench["config"]["text_tokens"], bench["config"]["vision_tokens"])
+        if shape != tuple(args.shape):
+            raise InputError(f"{args.bench} was measured at {shape[0]} text + {shape[1]} vision rows, not "
+                             f"{args.shape[0]} + {args.shape[1]} (--shape)")
+        bench = {r["insert_layer"]: r["prefill_ratio"] for r in bench["rows"] if r["exit_layer"] == bench["n_layers"]}
+    for row in result["table"]:
+        row["saving"] = saving[row["layer"]]
+        row["prefill_ratio_at_shape"] = bench.get(row["layer"]) if bench else None
+    result.update(shape={"text": args.shape[0], "vision": args.shape[1]}, pending=pending, bench=args.bench)
+    points = [{"layer": r["layer"], "saving": r["saving"], "accuracy": r["accuracy"], "ci95": r["interval"],
+               "metric": "MCQ accuracy"} for r in result["table"]]
+    with atomic_output_dir(out) as tmp:
+        atomic_write_json(tmp / SWEEP_RESULT, result)
+        write_run_record(tmp, "pg-sweep", vars(args))
+        tradeoff_figure(points, tmp / "tradeoff.png",
+                        xlabel=f"predicted prefill saving at {args.shape[0]} text + {args.shape[1]} vision rows (%)")
+    print(format_sweep(result))
+    if pending:
+        print(f"pending (not trained or not evaluated yet): {len(pending)}")
+    print(f"wrote {out}/: {SWEEP_RESULT} run.json tradeoff.png")
+    return 0
+
+
+def format_sweep(result: dict) -> str:
+    head = (f"{'L':>3} {'runs':>4} {'MCQ':>6} {'interval':>15} {'per seed':>20} {'no-img':>7} {'shuf':>6} "
+            f"{'rank4':>6} {'tok/s':>6} {'train s':>8} {'prefill xL0':>11} {'at shape':>8} {'saving':>7}")
+    lines = [head]
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in result["table"]:
+        seeds = " ".join(f"{x:.3f}" for x in r["mcq_per_seed"])
+        lines.append(f"{r['layer']:>3} {r['runs']:>4} {r['accuracy']:>6.3f} "
+                     f"{'[%.3f, %.3f]' % tuple(r['interval']):>15} {seeds:>20} {f(r['no_image'], '.3f'):>7} "
+                     f"{f(r['shuffled'], '.3f'):>6} {f(r['rank4'], '.3f'):>6} {f(r['tokens_per_s'], '.0f'):>6} "
+                     f"{f(r['train_seconds'], '.0f'):>8} {f(r['prefill_ratio'], '.2f'):>11} "
+                     f"{f(r.get('prefill_ratio_at_shape'), '.2f'):>8} {100 * r['saving']:>6.1f}%")
+    shape = result.get("shape")
+    if shape:
+        trained = result["trained_shape"]
+        lines.append(f"prefill xL0: measured at the trained shape (~{trained['text'] or 0:.0f} text + "
+                     f"{trained['vision']} vision rows); at shape: pg-bench at {shape['text']} + {shape['vision']}; "
+                     f"saving: predicted (FLOPs) at {shape['text']} + {shape['vision']}")
+    return "\n".join(lines)
+
+
+def sweep(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_sweep_main, sweep_parser(), argv)
+
+
+sweep_main = entry_point(sweep)

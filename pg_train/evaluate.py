@@ -100,7 +100,8 @@ def derangement(n: int, seed: int) -> np.ndarray:
 
 def accuracy_record(correct: list[bool], predicted: list[str] | None = None) -> dict[str, Any]:
     k, n = int(sum(correct)), len(correct)
-    rec: dict[str, Any] = {"accuracy": k / n if n else float("nan"), "ci95": wilson_interval(k, n), "n": n}
+    rec: dict[str, Any] = {"accuracy": k / n if n else float("nan"), "ci95": wilson_interval(k, n), "n": n,
+                           "correct": [int(c) for c in correct]}  # per question, for bootstraps across runs
     if predicted is not None:
         rec["letters"] = {letter: predicted.count(letter) for letter in LETTERS}
     return rec

@@ -14,12 +14,14 @@ probe (``pg-recommend``). ``pg_analysis`` never loads a VLM; what it measures on
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pg_analysis.assets import feature_cache_dir
 from pg_analysis.attention import AttnmapConfig, AttnmapResult, attention_map, sample_tokens
@@ -93,6 +95,7 @@ class Prompts:
 
     examples: list[Example]
     features: torch.Tensor  # [n_images, 1, P, D_v]
+    answers: np.ndarray | None = None  # [n] the correct letter's index (A = 0), when the records have one
 
     def batches(self, pm: PromptModel, batch_size: int) -> Iterator[tuple[list[Example], dict[str, torch.Tensor]]]:
         """Left-padded batches on the model's device, without labels."""
@@ -113,23 +116,55 @@ def mcq_prompts(pm: PromptModel, records: list[dict[str, Any]], cache_dir: Path 
     exs = tokenize_records(records, pm.vlm.tokenizer, pm.template, model.config.image_token_index,
                            model.num_image_tokens, index, generation=True, system=pm.system)
     feats = image_features(pm.vlm, paths, cache_dir, progress=progress, mirror=False)
-    return Prompts(exs, feats)
+    answers = (np.array([LETTERS.index(r["answer"]) for r in records])
+               if all(r.get("answer") in LETTERS for r in records) else None)
+    return Prompts(exs, feats, answers)
+
+
+def knockout_mask(mask: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+    """The additive attention mask ``mask [B, 1, T, T]`` of a full-sequence layer with every text query barred
+    from every vision key (``vision_mask [B, T]``, True at vision rows). Vision queries keep what they had."""
+    barred = (~vision_mask)[:, None, :, None] & vision_mask[:, None, None, :]
+    return mask.masked_fill(barred, torch.finfo(mask.dtype).min)
+
+
+@contextmanager
+def text_blind_to_vision(layers: Any, vision_mask: torch.Tensor) -> Iterator[None]:
+    """While inside, the decoder ``layers`` given run with :func:`knockout_mask`: the text rows cannot read the
+    vision rows there, which are still computed (a knockout; the weights are unchanged). The layers must see the
+    whole sequence (a model at L = 0, K = N, without a cache)."""
+    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.shape[-2:] != (vision_mask.shape[1],) * 2:
+            raise InputError("a knockout needs every layer to see the whole sequence (the model at L = 0)")
+        return args, {**kwargs, "attention_mask": knockout_mask(mask, vision_mask)}
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
 def letter_logits(pm: PromptModel, prompts: Prompts, insert_layer: int | None = None, batch_size: int = 16,
-                  precision: str = "fp32") -> torch.Tensor:
+                  precision: str = "fp32", blind: range | None = None) -> torch.Tensor:
     """``[n, 4]`` logits of the letters A–D at the answer position, with the model run at ``insert_layer``
-    (default: its own L; the weights are not changed, only the layer the vision rows enter)."""
+    (default: its own L; the weights are not changed, only the layer the vision rows enter). ``blind``: the
+    decoder layers where the text rows cannot read the vision rows (:func:`text_blind_to_vision`)."""
     model = pm.model
     own = model.insert_layer
     ids = letter_token_ids(pm.vlm.tokenizer, pm.template)
+    layers = model.decoder_parts().model.layers
+    picked = [layers[i] for i in blind] if blind is not None else []
     out = []
     try:
         if insert_layer is not None:
             model.set_insert_layer(insert_layer)
         for _, batch in prompts.batches(pm, batch_size):
-            with precision_context(precision, model.device):
+            vision = batch["input_ids"] == model.config.image_token_index
+            with precision_context(precision, model.device), text_blind_to_vision(picked, vision):
                 logits = model(**batch, logits_to_keep=1).logits
             out.append(logits[:, -1, ids].float().cpu())
     finally:
@@ -137,14 +172,37 @@ def letter_logits(pm: PromptModel, prompts: Prompts, insert_layer: int | None = 
     return torch.cat(out)
 
 
-def prefill_saving(pm: PromptModel, prompts: Prompts, layers: list[int]) -> list[float]:
-    """Predicted prefill-FLOP saving ``1 − FLOPs(L) / FLOPs(0)`` for the prompts' mean text and vision lengths."""
-    from .bench import FlopModel
+def knockout_shift(pm: PromptModel, prompts: Prompts, layers: list[int], kind: str, batch_size: int = 16,
+                   precision: str = "fp32", progress: bool = False) -> dict[int, dict[str, float]]:
+    """The training-free proxies, from the baseline (L = 0) model: for each ``layer`` in ``layers``, the shift of
+    the answer distribution (:func:`~pg_analysis.recommend.answer_shift` against the unchanged model) when the text
+    rows cannot read the vision rows in layers ``0 … layer−1`` (``kind="entry"``: what the text path loses when
+    the vision rows enter at ``layer``) or ``layer … N−1`` (``kind="exit"``, VTW's rule: what it loses when they
+    leave there). Returns ``{layer: {"kl", "answers_changed", "accuracy"}}`` (accuracy: None without answers)."""
+    from pg_analysis.recommend import answer_shift
 
-    v = pm.model.num_image_tokens
-    t = float(np.mean([len(e.input_ids) for e in prompts.examples])) - v
-    flops = FlopModel.of(pm.model.decoder_parts())
-    return [1.0 - flops.prefill_ratio(t, v, layer) for layer in layers]
+    model = pm.model
+    n = model.decoder_parts().config.num_hidden_layers
+    if kind not in ("entry", "exit"):
+        raise InputError(f"knockout kind must be entry or exit, got {kind!r}")
+    if model.insert_layer != 0 or model.exit_layer != n:
+        raise InputError(f"the knockout proxies run on the baseline (L = 0, K = N); this model has L = "
+                         f"{model.insert_layer}, K = {model.exit_layer}")
+    bad = [x for x in layers if not 0 <= x <= n]
+    if bad:
+        raise InputError(f"knockout layers must be in [0, {n}] for this {n}-layer LM, got {bad}")
+    if not any(model.config.image_token_index in e.input_ids for e in prompts.examples):
+        raise InputError("the prompts have no vision rows: nothing to knock out")
+    answers = prompts.answers
+    base = letter_logits(pm, prompts, batch_size=batch_size, precision=precision)
+    out = {}
+    for layer in tqdm(layers, desc=f"{kind} knockout", disable=not progress):
+        blind = range(0, layer) if kind == "entry" else range(layer, n)
+        logits = letter_logits(pm, prompts, batch_size=batch_size, precision=precision, blind=blind)
+        changed, kl = answer_shift(base, logits)
+        acc = float((logits.argmax(1).numpy() == answers).mean()) if answers is not None else None
+        out[layer] = {"kl": kl, "answers_changed": changed, "accuracy": acc}
+    return out
 
 
 def run_attnmap(cfg: AttnmapConfig, progress: bool = True) -> AttnmapResult:

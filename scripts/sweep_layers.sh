@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
-# Cheap insert-layer sweep on the offline pair (validates pg-recommend's rule; see README "Choosing L").
-# Usage: bash scripts/sweep_layers.sh [OUT_ROOT] [LAYERS...]   (default: runs/sweep, 0 2 4 8 16)
-# Each L: stage 0 (300 steps, as measured in README) + stage 1 (100) + a short stage 2 (60), then pg-eval on the
-# 99 test images. `--extra-train none --match-mean false --distill-weight 0 --stage2-lr 1e-4`: the 309 photos only, the plain
-# norm matching, no text-twin distillation and the LM learning rate of the time, as when
-# its README numbers were measured.
+# The trained insert-layer sweep (README "Choosing L"): pg-train + pg-eval at each L and seed with the offline
+# recipe's defaults (scripts/train_seeds.sh), pg-bench at the paper's prompt shape (88 text + 576 vision rows),
+# then pg-sweep: the table with bootstrap intervals and the trade-off plot in ROOT-result/.
+# Usage: bash scripts/sweep_layers.sh [ROOT] [LAYERS] [SEEDS]   (default: runs/sweep "0 2 4 8 12 16 24" "0 1")
+# Resumable: run it again after a kill; finished runs are kept, an interrupted one continues from its checkpoint.
 set -euo pipefail
 root=${1:-runs/sweep}
-shift || true
-layers=("$@")
-[ ${#layers[@]} -gt 0 ] || layers=(0 2 4 8 16)
-for L in "${layers[@]}"; do
-  out="$root/L$L"
-  if [ ! -f "$out/model/config.json" ]; then
-    rm -rf "$out"
-    pg-train --layer "$L" --out "$out" --stage0-steps 300 --stage1-steps 100 --stage2-steps 60 --extra-train none --match-mean false --distill-weight 0 --stage2-lr 1e-4 --checkpoint-every 1000 --quiet
-  fi
-  [ -f "$out/eval/eval.json" ] || pg-eval "$out" --no-rank-all --no-generate --bench-repeats 2 --quiet
-done
+layers=${2:-"0 2 4 8 12 16 24"}
+seeds=${3:-"0 1"}
+bash "$(dirname "$0")/train_seeds.sh" "$root" "$layers" "$seeds"
+[ -f "$root-bench/bench.json" ] || pg-bench --layers "$(echo "$layers" | tr ' ' ',')" --repeats 3 --no-train \
+  --out "$root-bench" --quiet
+pg-sweep "$root" --bench "$root-bench" --out "$root-result"

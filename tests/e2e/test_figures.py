@@ -36,8 +36,13 @@ def _write(path: Path, obj) -> None:
 
 def test_make_figures_from_saved_results_only(tmp_path):
     runs = tmp_path / "runs"
+    table = []
     for layer, acc in ((0, 0.5), (4, 0.45), (8, 0.3)):
-        _write(runs / "sweep" / f"L{layer}" / "eval" / "eval.json", _eval(layer, acc))
+        _write(runs / "sweep" / f"L{layer}-s0" / "eval" / "eval.json", _eval(layer, acc))
+        table.append({"layer": layer, "runs": 1, "saving": layer / 30, "accuracy": acc,
+                      "interval": [acc - 0.05, acc + 0.05]})
+    _write(runs / "sweep-result" / "sweep.json", {"table": table, "shape": {"text": 88, "vision": 576},
+                                                  "runs": [str(runs / "sweep" / f"L{x}-s0") for x in (0, 4, 8)]})
     grid = np.random.default_rng(0).random((4, 6))
     _write(runs / "align" / "alignment.json",
            {"vision": "v", "llm": "l", "metric": "mutual_knn", "k": 10, "n_samples": 64, "grid": grid.tolist(),
@@ -52,7 +57,7 @@ def test_make_figures_from_saved_results_only(tmp_path):
     (runs / "train-L0" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     _write(runs / "train-L0" / "eval" / "eval.json", _eval(0, 0.5))
     _write(runs / "recommend" / "recommend.json",
-           {"recommended_layer": 4, "rule": {"tolerance": 0.25},
+           {"recommended_layer": 4, "rule": {"tolerance": 0.25, "risks_used": ["attention_lost"]},
             "table": [{"layer": L, "saving": L / 30, "attention_lost": L / 10, "admissible": L <= 4}
                       for L in (0, 4, 8)]})
     out = tmp_path / "figs"
@@ -64,5 +69,5 @@ def test_make_figures_from_saved_results_only(tmp_path):
                  "fig3_profile.png", "fig7_loss.png", "table4.md", "recommend.png"):
         assert (out / name).is_file(), name
     table = (out / "table4.md").read_text()
-    assert "| sweep/L4 | 4 | 0.450 |" in table and "| train-L0 | 0 | 0.500 |" in table
+    assert "| sweep/L4-s0 | 4 | 0.450 |" in table and "| train-L0 | 0 | 0.500 |" in table
     assert "skipped" not in proc.stdout

@@ -35,8 +35,12 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     assert [r["layer"] for r in rec["table"]] == [0, 1, 2, 3]
     row0 = rec["table"][0]
     assert row0["answers_changed"] == 0 and row0["kl"] == pytest.approx(0, abs=1e-9) and row0["saving"] == 0
+    assert row0["entry_changed"] == 0 and row0["entry_kl"] == 0  # nothing knocked out below L = 0
+    assert rec["table"][3]["entry_kl"] == 1.0  # blind in every layer: the whole KL
+    assert [r["exit_layer"] for r in rec["exit_knockout"]] == [0, 1, 2, 3] and rec["exit_knockout"][3]["kl"] == 0
     assert all(0 < r["saving"] < 1 for r in rec["table"][1:])
-    assert set(rec["evidence"]) == {"alignment", "attention", "probe"}
+    assert rec["shape"] == {"text": 88, "vision": 576} and not rec["rule"]["validated"]
+    assert set(rec["evidence"]) == {"alignment", "attention", "proxies"}
     assert (out / "recommend.png").is_file() and (out / "run.json").is_file()
     assert "recommended insert layer: L = 3" in capsys.readouterr().out
     assert recommend_cli([*args, "--tolerance", "0", "--out", str(tmp_path / "rec0")]) == 0
@@ -46,6 +50,38 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     assert recommend_cli([*bad, "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mismatched layer counts" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_pg_recommend_validates_the_proxies_against_a_sweep(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, capsys):
+    from pg_train.cli import recommend as recommend_cli
+    from pg_analysis.recommend import load_recommendation
+    from tests.sweeps import fake_run
+
+    for layer, acc in {0: 0.6, 1: 0.5, 2: 0.4, 3: 0.3}.items():
+        for seed in (0, 1):
+            fake_run(tmp_path / "sweep", layer, seed, tiny_vlm_dir, acc + 0.02 * seed, n=200)
+    args = ["--vlm", str(tiny_vlm_dir), "--data", str(tiny_pairs), "--n", "8", "--align", "none", "--attnmap",
+            str(evidence / "attnmap"), "--skip-layers", "0", "--precision", "fp32", "--n-boot", "200", "--quiet",
+            "--shape", "20,100", "--layers", "0,1"]
+    assert recommend_cli([*args, "--sweep", str(tmp_path / "sweep"), "--out", str(tmp_path / "rec")]) == 0
+    rec = load_recommendation(tmp_path / "rec")
+    v = rec["validation"]
+    assert [r["layer"] for r in rec["table"]] == [0, 1, 2, 3]  # every trained layer gets its proxies
+    assert set(v["proxies"]) == {"attention_lost", "entry_changed", "entry_kl", "answers_changed"}
+    assert v["proxies"]["attention_lost"]["layers"] == [1, 2, 3]
+    assert v["predicting"] == [k for k, p in v["proxies"].items() if p["predicts"]]
+    assert rec["rule"]["validated"] == bool(v["predicting"])
+    assert rec["rule"]["risks_used"] == (v["predicting"] or ["attention_lost"])
+    assert v["frontier"]["layer"] == rec["recommended_layer"] and v["frontier"]["trained"]
+    assert rec["shape"] == {"text": 20, "vision": 100}
+    out = capsys.readouterr().out
+    assert "Spearman with the sweep's accuracy drop" in out and "frontier" in out
+    fake_run(tmp_path / "mixed", 0, 0, tiny_vlm_dir, 0.5)
+    fake_run(tmp_path / "mixed", 1, 0, tiny_vlm_dir, 0.5, lr=1e-3)
+    assert recommend_cli([*args, "--sweep", str(tmp_path / "mixed"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixes recipes" in err[0] and not (tmp_path / "bad").exists()
+    assert recommend_cli([*args, "--shape", "5", "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_pg_train_layer_auto_reads_or_refuses(tiny_models, tiny_pairs, tiny_vlm_dir, evidence, tmp_path, capsys):

@@ -131,6 +131,7 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
     right = sum(p == r["answer"] for p, r in zip(predicted, records["mcq"]))
     assert result["mcq"]["image"]["accuracy"] == pytest.approx(right / len(predicted), abs=1e-9)
     assert result["mcq"]["image"]["letters"] == {k: predicted.count(k) for k in "ABCD"}
+    assert result["mcq"]["image"]["correct"] == [int(p == r["answer"]) for p, r in zip(predicted, records["mcq"])]
 
 
 def test_rows_put_in_by_hand_equal_the_image_path(tiny_run):

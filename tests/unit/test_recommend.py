@@ -51,11 +51,11 @@ def test_rule_picks_the_largest_admissible_prefix():
     # a risk that dips back under the tolerance above a bad layer does not count: the path must stay admissible
     probe = {L: {"answers_changed": 0.0 if L in (0, 1, 2, 6) else 0.5, "accuracy": 0.5, "kl": 0.1}
              for L in range(9)}
-    rec = recommend(_saving(8), attention_profile=attn, probe=probe, tolerance=0.1,
+    rec = recommend(_saving(8), attention_profile=attn, proxies=probe, tolerance=0.1,
                     risks=("attention_lost", "answers_changed"))
     assert rec["recommended_layer"] == 2
     # the probe is reported but does not gate by default
-    rec = recommend(_saving(8), attention_profile=attn, probe=probe, tolerance=0.1)
+    rec = recommend(_saving(8), attention_profile=attn, proxies=probe, tolerance=0.1)
     assert rec["recommended_layer"] == 5 and "answers_changed" in rec["table"][3]
     rec = recommend(_saving(8), attention_profile=attn, alignment_profile=[0.3, 0.1] + [0.5] * 7, tolerance=0.1)
     assert rec["recommended_layer"] == 0  # layer 1 is far less aligned than the input space
@@ -72,3 +72,57 @@ def test_rule_bad_input_is_clear():
         recommend(_saving(4), attention_profile=[1.0] * 4, tolerance=2)
     with pytest.raises(InputError, match="were measured|was measured"):
         recommend(_saving(4), attention_profile=[1.0] * 4, risks=("answers_changed",))
+
+
+def test_spearman_matches_its_definition_with_ties():
+    from pg_analysis.recommend import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their average rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4)
+    r = np.array([1, 2.5, 2.5, 4])
+    assert spearman([0, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(np.corrcoef(r, [1, 2, 3, 4])[0, 1])
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(InputError, match="equal 1-d"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_bootstrap_accuracy_resamples_runs_and_questions():
+    from pg_analysis.recommend import bootstrap_accuracy
+
+    rng = np.random.default_rng(0)
+    correct = {0: [rng.random(400) < 0.6, rng.random(400) < 0.4], 4: [np.ones(400)]}
+    boot = bootstrap_accuracy(correct, n_boot=4000, seed=1)
+    assert boot[4].min() == 1.0  # all correct: no resample changes it
+    a, b = np.mean(correct[0][0]), np.mean(correct[0][1])
+    assert boot[0].mean() == pytest.approx((a + b) / 2, abs=0.01)
+    # between-run spread dominates: a replicate often holds one run twice (each with prob. 1/4)
+    assert np.mean(boot[0] > a - 0.03) == pytest.approx(0.25, abs=0.04)
+    assert np.array_equal(boot[0], bootstrap_accuracy(correct, n_boot=4000, seed=1)[0])
+
+
+def test_validate_proxies_finds_a_predicting_risk_and_rejects_noise():
+    from pg_analysis.recommend import frontier_check, validate_proxies
+
+    rng = np.random.default_rng(0)
+    acc = {0: 0.60, 2: 0.58, 4: 0.55, 8: 0.45, 12: 0.35, 16: 0.30}  # accuracy falls with L
+    correct = {layer: [rng.random(400) < a for _ in range(2)] for layer, a in acc.items()}
+    risks = {"good": {2: 0.05, 4: 0.1, 8: 0.3, 12: 0.6, 16: 0.8},
+             "reversed": {2: 0.8, 4: 0.6, 8: 0.3, 12: 0.1, 16: 0.05},
+             "sparse": {2: 0.1, 4: float("nan"), 8: float("nan"), 12: float("nan"), 16: 0.3}}
+    v = validate_proxies(risks, correct, n_boot=500)
+    assert v["proxies"]["good"]["predicts"] and v["proxies"]["good"]["rho"] > 0.8
+    assert not v["proxies"]["reversed"]["predicts"] and v["proxies"]["reversed"]["rho"] < -0.8
+    assert not v["proxies"]["sparse"]["predicts"] and v["proxies"]["sparse"]["rho"] is None
+    rows = {r["layer"]: r for r in v["table"]}
+    assert rows[0]["drop"] == 0 and rows[16]["drop"] > 0.2
+    assert rows[8]["interval"][0] < rows[8]["accuracy"] < rows[8]["interval"][1]
+    saving = {0: 0.0, 2: 0.05, 4: 0.1, 8: 0.2, 12: 0.35, 16: 0.5}
+    assert frontier_check(4, saving, v["table"])["on_frontier"]
+    assert frontier_check(0, saving, v["table"])["on_frontier"]  # within one interval of L = 2's accuracy
+    worse = [dict(r, accuracy=0.2, interval=[0.15, 0.25]) if r["layer"] == 8 else r for r in v["table"]]
+    assert frontier_check(8, saving, worse) == {"layer": 8, "trained": True, "on_frontier": False,
+                                                "dominated_by": [12, 16]}
+    assert frontier_check(6, saving, v["table"])["trained"] is False
+    with pytest.raises(InputError, match="no L = 0"):
+        validate_proxies(risks, {4: correct[4]})
