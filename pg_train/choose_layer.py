@@ -27,9 +27,10 @@ from pg_analysis.plots import recommendation_figure
 from pg_analysis.recommend import (DEFAULT_RISKS, RISKS, answer_shift, default_candidates, frontier_check,
                                    load_recommendation, recommend, validate_proxies)
 from pg_analysis.runinfo import atomic_output_dir, atomic_write_json
-from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, RECOMMEND_RESULT, has_result, model_folder,
-                              write_run_record)
+from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, DATA_DIR, DATA_MANIFEST, RECOMMEND_RESULT, has_result,
+                              model_folder, write_run_record)
 
+from .datasets import LETTERS
 from .probe import knockout_shift, letter_logits, load_prompt_model, mcq_prompts, mcq_records
 
 #: the paper's prompt: 88 text rows (LLaVA-1.5's mean on its benchmarks) and CLIP-L/336's 576 vision rows
@@ -50,7 +51,7 @@ class RecommendConfig:
     sweep: list[str] | None = None  # trained sweep folders (pg-train runs with eval/): validate the proxies
     shape: tuple[int, int] = PAPER_SHAPE  # text, vision rows the saving is predicted for
     n_boot: int = 2000
-    data: str = "tuxpaint"
+    data: str = "auto"  # proxy questions: auto (the baseline run's held-out split, else tuxpaint), held-out, pairs
     coco_root: str | None = None
     n: int = 100  # proxy questions
     layers: list[int] | None = None  # candidates (default: default_candidates(N))
@@ -83,6 +84,30 @@ class RecommendConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def proxy_records(cfg: RecommendConfig) -> tuple[list[dict[str, Any]], str]:
+    """The proxies' questions and where they come from. ``held-out`` (``auto`` when ``cfg.vlm`` is a pg-train run
+    with its data folder): the run's held-out test questions, one per image, the correct letter rotating over A-D
+    with the image's rank — pictures the baseline never trained on, asked as pg-eval asks them. Otherwise (a model
+    folder, an HF id, or named pairs): ``cfg.n`` pairs of ``cfg.data`` made into questions (:func:`mcq_records`)."""
+    from .evaluate import split_records
+
+    data_dir = Path(cfg.vlm) / DATA_DIR
+    if cfg.data in ("auto", "held-out"):
+        if (data_dir / DATA_MANIFEST).is_file():
+            by_image: dict[str, dict[str, dict[str, Any]]] = {}
+            for r in split_records(data_dir, "test", ("mcq",))["mcq"]:
+                by_image.setdefault(r["image_path"], {})[r["answer"]] = r
+            records = [qs.get(LETTERS[i % len(LETTERS)]) or next(iter(qs.values()))
+                       for i, (_, qs) in enumerate(sorted(by_image.items()))]
+            return records[:cfg.n], f"held-out test split of {cfg.vlm}"
+        if cfg.data == "held-out":
+            raise InputError(f"--data held-out: {cfg.vlm} is not a pg-train run with its data folder "
+                             f"({DATA_DIR}/{DATA_MANIFEST})")
+    data = "tuxpaint" if cfg.data == "auto" else cfg.data
+    pairs = load_pairs(data, cfg.coco_root)
+    return mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed), data
 
 
 def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]:
@@ -128,10 +153,9 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
     proxies: dict[int, dict[str, Any]] = {layer: {} for layer in layers}
     exit_table = None
     if cfg.probe or cfg.knockout:
-        pairs = load_pairs(cfg.data, cfg.coco_root)
-        records = mcq_records(select(pairs, min(cfg.n, len(pairs)), cfg.seed), cfg.seed)
+        records, data = proxy_records(cfg)
         prompts = mcq_prompts(pm, records, feature_cache_dir(cfg.cache_dir), progress=progress)
-        sources["proxies"] = {"vlm": cfg.vlm, "data": cfg.data, "n_questions": len(records)}
+        sources["proxies"] = {"vlm": cfg.vlm, "data": data, "n_questions": len(records)}
         if cfg.knockout:
             entry = knockout_shift(pm, prompts, sorted(set(layers) | {n_layers}), "entry", cfg.batch_size,
                                    cfg.precision, progress)

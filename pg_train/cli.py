@@ -226,9 +226,10 @@ eval_main = entry_point(eval_cli)
 # pg-attnmap
 
 
-def _vlm_run_args(p: argparse.ArgumentParser, d, out: str, seed_help: str) -> None:
+def _vlm_run_args(p: argparse.ArgumentParser, d, out: str, seed_help: str, data_help: str = "") -> None:
     """Options pg-attnmap and pg-recommend share: the pairs the prompts come from, and running."""
-    p.add_argument("--data", default=d.data, help="pairs: tuxpaint, coco, or a .jsonl/.csv (default: %(default)s)")
+    p.add_argument("--data", default=d.data,
+                   help=f"{data_help}pairs: tuxpaint, coco, or a .jsonl/.csv (default: %(default)s)")
     p.add_argument("--coco-root", default=None, help="COCO folder (annotations/, val2017/) for --data coco")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"{seed_help} (default: %(default)s)")
@@ -333,7 +334,9 @@ def recommend_parser() -> argparse.ArgumentParser:
                    help="the proxies' forward passes (default: %(default)s)")
     p.add_argument("--skip-layers", type=int, default=d.skip_layers,
                    help="first layers left out of the attention risk (default: %(default)s)")
-    _vlm_run_args(p, d, "runs/recommend", "proxy pairs and distractors")
+    _vlm_run_args(p, d, "runs/recommend", "proxy pairs and distractors",
+                  "the proxies' questions: auto (the --vlm run's held-out test split if it is a pg-train run, "
+                  "else tuxpaint), held-out, or ")
     return p
 
 

@@ -423,6 +423,17 @@ def _run_files(run: Path, data_dir: str | None) -> tuple[Path, dict[str, Any], P
     return model_dir, run_cfg, data
 
 
+def split_records(data: Path, split: str, tasks: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The records of one split of a run's instruction data folder (``<run>/data``: its manifest names a file per
+    split and task, and the image root), per task."""
+    manifest = read_json(data / DATA_MANIFEST, "the instruction data manifest", keys=("files",))
+    needed = [f"{split}_{task}" for task in tasks]
+    if not isinstance(manifest["files"], dict) or set(needed) - set(manifest["files"]):
+        raise InputError(f"the instruction data manifest {data / DATA_MANIFEST} names no {' / '.join(needed)} files")
+    root = manifest.get("image_root")
+    return {task: load_llava_json(data / manifest["files"][f"{split}_{task}"], root) for task in tasks}
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate one trained model (see module docstring); returns the result dict."""
     from pg_analysis.assets import feature_cache_dir
@@ -435,13 +446,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pm = load_prompt_model(run, runtime=pick_runtime(None, "float32"))
     vlm, template, system = pm.vlm, pm.template, pm.system
     train_cfg = run_cfg.get("config", {})
-    manifest = read_json(data / DATA_MANIFEST, "the instruction data manifest", keys=("files",))
-    needed = [f"{cfg.split}_{task}" for task in ("mcq", "what")]
-    if not isinstance(manifest["files"], dict) or set(needed) - set(manifest["files"]):
-        raise InputError(f"the instruction data manifest {data / DATA_MANIFEST} names no {' / '.join(needed)} files")
-    root = manifest.get("image_root")
-    records = {task: load_llava_json(data / manifest["files"][f"{cfg.split}_{task}"], root)
-               for task in ("mcq", "what")}
+    records = split_records(data, cfg.split, ("mcq", "what"))
     cache_dir = feature_cache_dir(train_cfg.get("cache_dir"))
     # TrainConfig.centred, read from the saved options; a run from before --match-mean existed was not centred
     ev = Evaluator(vlm, template, system, records, cfg, cache_dir,

@@ -134,6 +134,26 @@ def test_pg_eval_on_the_tiny_run(tiny_run, capsys):
     assert result["mcq"]["image"]["correct"] == [int(p == r["answer"]) for p, r in zip(predicted, records["mcq"])]
 
 
+def test_the_proxies_ask_the_baseline_runs_held_out_questions(tiny_run, tiny_models, tiny_pairs):
+    from pg_train.choose_layer import RecommendConfig, proxy_records
+    from pg_train.evaluate import split_records
+
+    out, _ = tiny_run
+    test = split_records(out / "data", "test", ("mcq",))["mcq"]
+    for data in ("auto", "held-out"):
+        records, where = proxy_records(RecommendConfig(vlm=str(out), data=data, n=1000))
+        assert where == f"held-out test split of {out}"
+        images = sorted({r["image_path"] for r in test})
+        assert [r["image_path"] for r in records] == images  # one question per held-out picture
+        assert [r["answer"] for r in records] == ["ABCD"[i % 4] for i in range(len(images))]
+        assert all(r in test for r in records)
+    assert len(proxy_records(RecommendConfig(vlm=str(out), n=2))[0]) == 2
+    pairs, where = proxy_records(RecommendConfig(vlm=str(tiny_models["llama"]), data=str(tiny_pairs), n=5))
+    assert where == str(tiny_pairs) and len(pairs) == 5
+    with pytest.raises(InputError, match="held-out: .* is not a pg-train run"):
+        proxy_records(RecommendConfig(vlm=str(tiny_models["llama"]), data="held-out"))
+
+
 def test_rows_put_in_by_hand_equal_the_image_path(tiny_run):
     """The slot-MCQ diagnostic's path (rows handed to the model) gives the image path's logits for the projected
     rows, so the diagnostic differs from MCQ only in what the rows hold."""
