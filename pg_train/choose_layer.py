@@ -116,6 +116,12 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
     from .bench import FlopModel
 
     t0 = time.perf_counter()
+    measured = {"attention_lost": cfg.attnmap is not None, "alignment_deficit": cfg.align is not None,
+                "entry_changed": cfg.knockout, "entry_kl": cfg.knockout, "answers_changed": cfg.probe}
+    if not any(measured[r] for r in cfg.risks):  # known before any forward pass; --sweep may gate others instead
+        raise InputError(f"none of the gating risks {list(cfg.risks)} is measured with these options "
+                         f"(pass the inputs they need, or choose --risks among "
+                         f"{[r for r in RISKS if measured[r]]})")
     sources: dict[str, Any] = {}
     align_profile = attn_profile = None
     if cfg.align:
@@ -155,7 +161,9 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
     if cfg.probe or cfg.knockout:
         records, data = proxy_records(cfg)
         prompts = mcq_prompts(pm, records, feature_cache_dir(cfg.cache_dir), progress=progress)
-        sources["proxies"] = {"vlm": cfg.vlm, "data": data, "n_questions": len(records)}
+        sources["proxies"] = {"vlm": cfg.vlm, "data": data, "n_questions": len(records), "seconds": {}}
+        seconds = sources["proxies"]["seconds"]
+        tick = time.perf_counter()
         if cfg.knockout:
             entry = knockout_shift(pm, prompts, sorted(set(layers) | {n_layers}), "entry", cfg.batch_size,
                                    cfg.precision, progress)
@@ -165,8 +173,10 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                 proxies[layer].update(entry_changed=e["answers_changed"], entry_kl_raw=e["kl"],
                                       entry_kl=min(1.0, e["kl"] / full_kl) if full_kl > 0 else 0.0,
                                       entry_accuracy=e["accuracy"])
+            seconds["entry_knockout"], tick = time.perf_counter() - tick, time.perf_counter()
             exits = knockout_shift(pm, prompts, layers, "exit", cfg.batch_size, cfg.precision, progress)
             exit_table = [{"exit_layer": k, **v} for k, v in sorted(exits.items())]
+            seconds["exit_knockout"], tick = time.perf_counter() - tick, time.perf_counter()
         if cfg.probe:
             base = None
             for layer in tqdm(layers, desc="insertion probe L", disable=not progress):
@@ -176,6 +186,7 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                 changed, kl = answer_shift(base, logits)
                 proxies[layer].update(answers_changed=changed, kl=kl,
                                       accuracy=float((logits.argmax(1).numpy() == prompts.answers).mean()))
+            seconds["insertion_probe"] = time.perf_counter() - tick
     if not sources:
         raise InputError("no evidence: pass --align and/or --attnmap results, or keep the proxies on")
     risks, validation = tuple(cfg.risks), None

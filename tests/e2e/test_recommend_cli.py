@@ -41,6 +41,7 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     assert all(0 < r["saving"] < 1 for r in rec["table"][1:])
     assert rec["shape"] == {"text": 88, "vision": 576} and not rec["rule"]["validated"]
     assert set(rec["evidence"]) == {"alignment", "attention", "proxies"}
+    assert set(rec["evidence"]["proxies"]["seconds"]) == {"entry_knockout", "exit_knockout", "insertion_probe"}
     assert (out / "recommend.png").is_file() and (out / "run.json").is_file()
     assert "recommended insert layer: L = 3" in capsys.readouterr().out
     assert recommend_cli([*args, "--tolerance", "0", "--out", str(tmp_path / "rec0")]) == 0
@@ -50,6 +51,12 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     assert recommend_cli([*bad, "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mismatched layer counts" in err[0] and not (tmp_path / "bad").exists()
+    # gating risks that these options cannot measure: refused before any forward pass
+    unmeasured = ["--vlm", "/no/such/model", "--align", "none", "--attnmap", "none", "--quiet"]
+    assert recommend_cli([*unmeasured, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the gating risks" in err[0] and "entry_kl" in err[0]
+    assert not (tmp_path / "none").exists()
 
 
 def test_pg_recommend_validates_the_proxies_against_a_sweep(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, capsys):
