@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from pg_analysis.align import load_align_result
@@ -136,7 +135,7 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                                 "query": m["query"]}
     sweep = None
     if cfg.sweep:
-        from .sweep import collect
+        from .sweep import collect, correct_by_layer
 
         sweep, pending = collect(cfg.sweep)
         sources["sweep"] = {"paths": cfg.sweep, "runs": len(sweep), "pending": pending}
@@ -164,9 +163,11 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
         sources["proxies"] = {"vlm": cfg.vlm, "data": data, "n_questions": len(records), "seconds": {}}
         seconds = sources["proxies"]["seconds"]
         tick = time.perf_counter()
+        # the unchanged baseline's answers, once: every knockout and the probe are measured against them
+        base = letter_logits(pm, prompts, batch_size=cfg.batch_size, precision=cfg.precision)
         if cfg.knockout:
             entry = knockout_shift(pm, prompts, sorted(set(layers) | {n_layers}), "entry", cfg.batch_size,
-                                   cfg.precision, progress)
+                                   cfg.precision, progress, base)
             full_kl = entry[n_layers]["kl"]
             for layer in layers:
                 e = entry[layer]
@@ -174,15 +175,13 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                                       entry_kl=min(1.0, e["kl"] / full_kl) if full_kl > 0 else 0.0,
                                       entry_accuracy=e["accuracy"])
             seconds["entry_knockout"], tick = time.perf_counter() - tick, time.perf_counter()
-            exits = knockout_shift(pm, prompts, layers, "exit", cfg.batch_size, cfg.precision, progress)
+            exits = knockout_shift(pm, prompts, layers, "exit", cfg.batch_size, cfg.precision, progress, base)
             exit_table = [{"exit_layer": k, **v} for k, v in sorted(exits.items())]
             seconds["exit_knockout"], tick = time.perf_counter() - tick, time.perf_counter()
         if cfg.probe:
-            base = None
             for layer in tqdm(layers, desc="insertion probe L", disable=not progress):
-                logits = letter_logits(pm, prompts, insert_layer=layer, batch_size=cfg.batch_size,
-                                       precision=cfg.precision)
-                base = logits if base is None else base
+                logits = base if layer == 0 else letter_logits(pm, prompts, insert_layer=layer,
+                                                               batch_size=cfg.batch_size, precision=cfg.precision)
                 changed, kl = answer_shift(base, logits)
                 proxies[layer].update(answers_changed=changed, kl=kl,
                                       accuracy=float((logits.argmax(1).numpy() == prompts.answers).mean()))
@@ -195,10 +194,7 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                          cfg.tolerance, cfg.skip_layers, cfg.risks)  # every measured risk, per layer
         per_proxy = {k: {r["layer"]: r[k] for r in rec0["table"] if r.get(k) is not None}
                      for k in PROXIES if any(r.get(k) is not None for r in rec0["table"])}
-        correct: dict[int, list[Any]] = {}
-        for run in sweep:
-            correct.setdefault(run.layer, []).append(np.array(run.correct))
-        validation = validate_proxies(per_proxy, correct, cfg.n_boot, cfg.seed)
+        validation = validate_proxies(per_proxy, correct_by_layer(sweep), cfg.n_boot, cfg.seed)
         predicting = tuple(k for k, v in validation["proxies"].items() if v["predicts"])
         validation["predicting"] = list(predicting)
         risks = predicting or risks

@@ -390,6 +390,8 @@ recommend_main = entry_point(recommend)
 
 
 def sweep_parser() -> argparse.ArgumentParser:
+    from .choose_layer import PAPER_SHAPE
+
     p = Parser(prog="pg-sweep",
                description="Collect a trained insert-layer sweep (pg-train runs of one recipe at several L and seeds, "
                            "each with pg-eval's eval/) into one table: MCQ mean per L with a bootstrap interval over "
@@ -397,7 +399,7 @@ def sweep_parser() -> argparse.ArgumentParser:
                            "trade-off plot.")
     p.add_argument("roots", nargs="+", help="folders holding the runs (searched one level down)")
     p.add_argument("--out", default="runs/sweep-result", help="output folder (default: %(default)s)")
-    p.add_argument("--shape", type=int_list, default=[88, 576],
+    p.add_argument("--shape", type=int_list, default=list(PAPER_SHAPE),
                    help="TEXT,VISION rows the prefill saving is predicted for (default: the paper's 88,576)")
     p.add_argument("--bench", default=None,
                    help="a pg-bench result at that shape (bench.json): its measured prefill time per L joins the table")
@@ -427,7 +429,7 @@ def _sweep_main(args: argparse.Namespace) -> int:
     if args.bench:
         from pg_analysis.runs import BENCH_RESULT, read_result_json
 
-        bench = read_result_json(Path(args.bench), BENCH_RESULT, "pg-bench", keys=("rows", "config"))
+        bench = read_result_json(Path(args.bench), BENCH_RESULT, "pg-bench", keys=("rows", "config", "n_layers"))
         shape = (bench["config"]["text_tokens"], bench["config"]["vision_tokens"])
         if shape != tuple(args.shape):
             raise InputError(f"{args.bench} was measured at {shape[0]} text + {shape[1]} vision rows, not "

@@ -173,12 +173,14 @@ def letter_logits(pm: PromptModel, prompts: Prompts, insert_layer: int | None = 
 
 
 def knockout_shift(pm: PromptModel, prompts: Prompts, layers: list[int], kind: str, batch_size: int = 16,
-                   precision: str = "fp32", progress: bool = False) -> dict[int, dict[str, float]]:
+                   precision: str = "fp32", progress: bool = False,
+                   base: torch.Tensor | None = None) -> dict[int, dict[str, float]]:
     """The training-free proxies, from the baseline (L = 0) model: for each ``layer`` in ``layers``, the shift of
     the answer distribution (:func:`~pg_analysis.recommend.answer_shift` against the unchanged model) when the text
     rows cannot read the vision rows in layers ``0 … layer−1`` (``kind="entry"``: what the text path loses when
     the vision rows enter at ``layer``) or ``layer … N−1`` (``kind="exit"``, VTW's rule: what it loses when they
-    leave there). Returns ``{layer: {"kl", "answers_changed", "accuracy"}}`` (accuracy: None without answers)."""
+    leave there). Returns ``{layer: {"kl", "answers_changed", "accuracy"}}`` (accuracy: None without answers).
+    ``base``: the unchanged model's :func:`letter_logits` on ``prompts``, when the caller has them already."""
     from pg_analysis.recommend import answer_shift
 
     model = pm.model
@@ -194,11 +196,13 @@ def knockout_shift(pm: PromptModel, prompts: Prompts, layers: list[int], kind: s
     if not any(model.config.image_token_index in e.input_ids for e in prompts.examples):
         raise InputError("the prompts have no vision rows: nothing to knock out")
     answers = prompts.answers
-    base = letter_logits(pm, prompts, batch_size=batch_size, precision=precision)
+    if base is None:
+        base = letter_logits(pm, prompts, batch_size=batch_size, precision=precision)
     out = {}
     for layer in tqdm(layers, desc=f"{kind} knockout", disable=not progress):
         blind = range(0, layer) if kind == "entry" else range(layer, n)
-        logits = letter_logits(pm, prompts, batch_size=batch_size, precision=precision, blind=blind)
+        logits = (letter_logits(pm, prompts, batch_size=batch_size, precision=precision, blind=blind) if blind
+                  else base)  # blind nowhere: the unchanged model
         changed, kl = answer_shift(base, logits)
         acc = float((logits.argmax(1).numpy() == answers).mean()) if answers is not None else None
         out[layer] = {"kl": kl, "answers_changed": changed, "accuracy": acc}

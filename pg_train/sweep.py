@@ -104,12 +104,18 @@ def collect(roots: list[str | Path]) -> tuple[list[SweepRun], list[str]]:
     return sorted(runs, key=lambda r: (r.layer, r.seed)), pending
 
 
+def correct_by_layer(runs: list[SweepRun]) -> dict[int, list[np.ndarray]]:
+    """Layer → each run's per-question 0/1 vector: what :func:`~pg_analysis.recommend.validate_proxies` takes."""
+    correct: dict[int, list[np.ndarray]] = {}
+    for run in runs:
+        correct.setdefault(run.layer, []).append(np.array(run.correct))
+    return correct
+
+
 def summarize(runs: list[SweepRun], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Per layer: runs, seeds, MCQ mean with its bootstrap interval over seeds and questions, the controls,
     4-way ranking, stage-2 tokens/s, training seconds and the measured prefill ratio (means over the runs)."""
-    correct: dict[int, list[Any]] = {}
-    for run in runs:
-        correct.setdefault(run.layer, []).append(np.array(run.correct))
+    correct = correct_by_layer(runs)
     if 0 not in correct:
         raise InputError("the sweep has no L = 0 runs (the baseline every drop is measured against)")
     table = validate_proxies({}, correct, n_boot=n_boot, seed=seed)["table"]

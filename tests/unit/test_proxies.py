@@ -71,6 +71,13 @@ def test_knockout_shift_entry_and_exit_profiles(prompts):
     assert all(0 <= r["answers_changed"] <= 1 and 0 <= r["accuracy"] <= 1 for r in entry.values())
     assert pr.answers is not None and len(pr.answers) == len(pr.examples)
     assert np.isin(pr.answers, [0, 1, 2, 3]).all()
+    # the baseline's logits handed in (pg-recommend computes them once) give the same profile; a wrong one shows
+    from pg_train.probe import letter_logits
+
+    base = letter_logits(pm, pr)
+    assert knockout_shift(pm, pr, list(range(n + 1)), "entry", base=base) == entry
+    assert knockout_shift(pm, pr, [n], "exit", base=base * 3)[n]["kl"] == 0  # blind nowhere: the base itself
+    assert knockout_shift(pm, pr, [0], "exit", base=torch.zeros_like(base))[0] != exit_[0]
 
 
 def test_knockout_bad_input_is_one_clear_error(prompts):
