@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .metrics import degenerate_reason, get_metric, grid_from_states, prepare_layers
 from .preprocess import preprocess_features
-from .registry import DEFAULT_LM, DEFAULT_VISION
+from .registry import DEFAULT_LM
 from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json
 from .runs import ALIGN_RESULT, read_result_json, write_run_record
 
@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 class AlignConfig:
     """All options of one pg-align run. Validates itself; does no I/O."""
 
-    vision: str = DEFAULT_VISION
+    vision: str | None = None  # the encoder (of any modality); None: the modality's default (DINOv2-S for images)
     llm: str = DEFAULT_LM
-    data: str = "tuxpaint"
+    data: str | None = None  # None: the modality's default pairs (tuxpaint for images, molecules for molecules)
     coco_root: str | None = None
     n: int | None = None  # None: every pair of the source
     seed: int = 0
@@ -68,13 +68,18 @@ class AlignConfig:
     dtype: str | None = "float32"
     cache_dir: str | None = None
     dedupe: bool = False  # keep one pair of each identical caption / identical image (off: as Huh et al. score)
+    modality: str = "image"
 
     def __post_init__(self) -> None:
         from .features import TEXT_POOLING, VISION_POOLING
+        from .modalities import get_modality
 
+        modality = get_modality(self.modality)
+        self.vision = self.vision or modality.default_encoder
+        self.data = self.data or modality.default_data
         get_metric(self.metric)
         if self.vision_pooling not in VISION_POOLING:
-            raise InputError(f"vision pooling must be one of {VISION_POOLING}, got {self.vision_pooling!r}")
+            raise InputError(f"encoder pooling must be one of {VISION_POOLING}, got {self.vision_pooling!r}")
         if self.text_pooling not in TEXT_POOLING:
             raise InputError(f"text pooling must be one of {TEXT_POOLING}, got {self.text_pooling!r}")
         if self.n is not None and self.n < 2:
@@ -145,8 +150,9 @@ class AlignResult:
             llm_profile, vision_profile = np.nanmax(self.grid, 0), np.nanmax(self.grid, 1)
         out: dict[str, Any] = {
             "vision": self.vision_label, "llm": self.llm_label, "metric": self.config.metric, "k": self.config.k,
-            "n_samples": self.n_samples, "shape": list(self.grid.shape),
-            "axes": {"rows": "vision layer (0 = embeddings)", "cols": "LM layer (0 = embeddings)"},
+            "modality": self.config.modality, "n_samples": self.n_samples, "shape": list(self.grid.shape),
+            "axes": {"rows": f"{self.config.modality} encoder layer (0 = embeddings)",
+                     "cols": "LM layer (0 = embeddings)"},
             "best": best, "chance_mutual_knn": self.config.k / (self.n_samples - 1),
             "llm_layer_profile": _json_floats(llm_profile), "vision_layer_profile": _json_floats(vision_profile),
             "grid": _json_floats(self.grid), "degenerate": self.degenerate,
@@ -186,7 +192,7 @@ def _feature_fields(cfg: AlignConfig, ids: list[str], captions: list[str], model
     from .features import FEATURES_VERSION
 
     fields: dict[str, Any] = {
-        "side": side, "model": model_ident, "data": cfg.data, "coco_root": cfg.coco_root,
+        "side": side, "model": model_ident, "data": cfg.data, "coco_root": cfg.coco_root, "modality": cfg.modality,
         "samples": hashlib_of([*ids, *captions]), "n": len(ids),
         "pooling": cfg.vision_pooling if side == "vision" else cfg.text_pooling,
         "dtype": str(runtime.dtype), "device_type": runtime.device.type, "version": FEATURES_VERSION,
@@ -211,14 +217,16 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     from . import data as data_mod
     from .assets import feature_cache_dir
     from .features import FeatureCache, extract_text, extract_vision
-    from .models import load_lm, load_vision, model_identity, pick_runtime
+    from .modalities import get_modality, item_key, load_pairs
+    from .models import load_encoder, load_lm, model_identity, pick_runtime
     from .registry import resolve_model
 
-    vision_entry = resolve_model(cfg.vision, "vision")
+    modality = get_modality(cfg.modality)
+    vision_entry = resolve_model(cfg.vision, modality.kind)
     llm_entry = resolve_model(cfg.llm, "lm")
     runtime = pick_runtime(cfg.device, cfg.dtype)
-    ds = data_mod.select(data_mod.load_pairs(cfg.data, cfg.coco_root), cfg.n, cfg.seed)
-    image_keys = [data_mod.image_key(v) for v in ds["image"]]
+    ds = data_mod.select(load_pairs(modality, cfg.data, cfg.coco_root), cfg.n, cfg.seed)
+    image_keys = [item_key(modality, v) for v in ds[modality.column]]
     duplicates = data_mod.duplicate_report(ds, image_keys)
     if cfg.dedupe:
         before = list(ds["id"])
@@ -231,12 +239,12 @@ def compute_features(cfg: AlignConfig, progress: bool = True) -> tuple[torch.Ten
     cache = FeatureCache(feature_cache_dir(cfg.cache_dir))
 
     v_fields = _feature_fields(cfg, ids, captions, model_identity(vision_entry), "vision", runtime)
-    v_fields["images"] = hashlib_of(image_keys)  # the pictures' content: a file replaced in place is re-encoded
+    v_fields["images"] = hashlib_of(image_keys)  # the inputs' content: a file replaced in place is re-encoded
     t_fields = _feature_fields(cfg, ids, captions, model_identity(llm_entry), "text", runtime)
 
     def vision() -> torch.Tensor:
-        adapter = load_vision(vision_entry, runtime)
-        return extract_vision(adapter, list(ds["image"]), ids, cfg.vision_pooling, cfg.batch_size, progress)
+        adapter = load_encoder(vision_entry, runtime, modality.name)
+        return extract_vision(adapter, list(ds[modality.column]), ids, cfg.vision_pooling, cfg.batch_size, progress)
 
     def text() -> torch.Tensor:
         adapter = load_lm(llm_entry, runtime)

