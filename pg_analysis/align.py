@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .metrics import degenerate_reason, get_metric, grid_from_states, prepare_layers
+from .features import n_samples
 from .preprocess import preprocess_features
 from .registry import DEFAULT_LM
 from .runinfo import atomic_output_dir, atomic_write_bytes, atomic_write_json
@@ -271,23 +272,26 @@ def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progres
     """Preprocess both feature stacks, score the grid, and the null grids under ``cfg.null`` re-pairings.
 
     Degenerate layers are not scored: their rows / columns are NaN in the grid and in every null grid."""
-    if vf.shape[1] != tf.shape[1]:
-        raise InputError(f"vision and text features have different sample counts ({vf.shape[1]} vs {tf.shape[1]})")
+    if n_samples(vf) != n_samples(tf):
+        raise InputError(f"vision and text features have different sample counts ({n_samples(vf)} vs "
+                         f"{n_samples(tf)})")
     for name, f in (("vision", vf), ("text", tf)):
-        if not torch.isfinite(f).all():
+        if not all(torch.isfinite(x).all() for x in f):
             raise InputError(f"{name} features contain NaN/inf values")
+    # one list of [N, D_l] per model from here on (a CNN's widths differ by layer)
     xs, tv = preprocess_features(vf, cfg.outlier_q, cfg.normalize)
     ys, tt = preprocess_features(tf, cfg.outlier_q, cfg.normalize)
+    xs, ys = list(xs), list(ys)
     kw = cfg.metric_kwargs()
     tie_k = kw.get("k")
     bad = {"vision": degenerate_layers(xs, tie_k), "llm": degenerate_layers(ys, tie_k)}
-    keep_x = [i for i in range(xs.shape[0]) if i not in bad["vision"]]
-    keep_y = [j for j in range(ys.shape[0]) if j not in bad["llm"]]
+    keep_x = [i for i in range(len(xs)) if i not in bad["vision"]]
+    keep_y = [j for j in range(len(ys)) if j not in bad["llm"]]
     for side, key, keep in (("vision", "vision", keep_x), ("LM", "llm", keep_y)):
         if not keep:
             raise InputError(f"every {side} layer is degenerate ({next(iter(bad[key].values()))}); "
                              "nothing can be scored")
-    xs, ys = xs[keep_x], ys[keep_y]
+    xs, ys = [xs[i] for i in keep_x], [ys[j] for j in keep_y]
     cells = np.ix_(keep_x, keep_y)
 
     def full(sub: torch.Tensor) -> np.ndarray:
@@ -301,15 +305,15 @@ def score_features(vf: torch.Tensor, tf: torch.Tensor, cfg: AlignConfig, progres
     if cfg.null > 0:
         # Re-pair by permuting the side with fewer layers; the other side's states are reused.
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n = xs.shape[1]
-        permute_x = xs.shape[0] <= ys.shape[0]
+        n = n_samples(xs)
+        permute_x = len(xs) <= len(ys)
         grids = []
         for _ in tqdm(range(cfg.null), desc="null re-pairings", disable=not progress):
             perm = torch.randperm(n, generator=gen)
             if permute_x:
-                g = grid_from_states(prepare_layers(xs[:, perm], cfg.metric, **kw), sy, cfg.metric, **kw)
+                g = grid_from_states(prepare_layers([x[perm] for x in xs], cfg.metric, **kw), sy, cfg.metric, **kw)
             else:
-                g = grid_from_states(sx, prepare_layers(ys[:, perm], cfg.metric, **kw), cfg.metric, **kw)
+                g = grid_from_states(sx, prepare_layers([y[perm] for y in ys], cfg.metric, **kw), cfg.metric, **kw)
             grids.append(full(g))
         null = np.stack(grids)
     degenerate = {side: {str(i): reason for i, reason in layers.items()} for side, layers in bad.items()}
@@ -327,7 +331,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> AlignResult:
     t2 = time.perf_counter()
     info.update(pinfo)
     info["timing_s"] = {"features": round(t1 - t0, 3), "scoring": round(t2 - t1, 3)}
-    return AlignResult(cfg, grid, null, info.pop("vision_label"), info.pop("llm_label"), int(vf.shape[1]),
+    return AlignResult(cfg, grid, null, info.pop("vision_label"), info.pop("llm_label"), n_samples(vf),
                        info.pop("sample_ids"), info)
 
 

@@ -67,9 +67,16 @@ def _batches(n: int, size: int) -> Iterable[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _stack_layers(chunks: list[list[torch.Tensor]]) -> torch.Tensor:
-    """``chunks[batch][layer] : [B, D]`` → ``[L, N, D]`` fp32 on CPU."""
-    return torch.stack([torch.cat([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]).float().cpu()
+def _stack_layers(chunks: list[list[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor]:
+    """``chunks[batch][layer] : [B, D]`` → ``[L, N, D]`` fp32 on CPU; a list of ``[N, D_l]`` when the widths differ
+    by layer (a CNN's stages)."""
+    layers = [torch.cat([c[layer] for c in chunks]).float().cpu() for layer in range(len(chunks[0]))]
+    return torch.stack(layers) if len({x.shape[-1] for x in layers}) == 1 else layers
+
+
+def n_samples(layers: torch.Tensor | list[torch.Tensor]) -> int:
+    """Samples of a layer stack: ``[L, N, D]`` or a list of ``[N, D_l]``."""
+    return int(layers[0].shape[0])
 
 
 def extract_vision(adapter: Any, items: list[Any], ids: list[str], pooling: str = "cls", batch_size: int = 16,
@@ -78,6 +85,8 @@ def extract_vision(adapter: Any, items: list[Any], ids: list[str], pooling: str 
     ``[L, N, D]``."""
     if pooling not in VISION_POOLING:
         raise InputError(f"unknown encoder pooling {pooling!r}; choose from {VISION_POOLING}")
+    if pooling == "cls" and not getattr(adapter, "has_cls", True):
+        raise InputError(f"{adapter.entry.alias} ({adapter.family}) has no CLS token: pass --vision-pooling mean")
     chunks = []
     for sl in tqdm(list(_batches(len(items), batch_size)), desc=f"encoder {adapter.entry.alias}", disable=not progress):
         hs, tokens = adapter.encode(items[sl], ids[sl])
@@ -107,6 +116,14 @@ def extract_text(adapter: Any, captions: list[str], pooling: str = "mean", batch
 # cache
 
 
+def _shape(feats: torch.Tensor | list[torch.Tensor]) -> list:
+    return list(feats.shape) if isinstance(feats, torch.Tensor) else [list(x.shape) for x in feats]
+
+
+def _finite(feats: torch.Tensor | list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in (feats if isinstance(feats, list) else [feats]))
+
+
 def cache_key(fields: dict[str, Any]) -> str:
     """Stable hash of a JSON-able dict (sorted keys)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -133,12 +150,13 @@ class FeatureCache:
         try:
             meta = json.loads(meta_path.read_text())
             blob = data_path.read_bytes()
-            feats = load(blob)["features"]
+            tensors = load(blob)
+            feats = tensors["features"] if "features" in tensors else [tensors[k] for k in sorted(tensors)]
         except (OSError, json.JSONDecodeError, SafetensorError, KeyError, RuntimeError, ValueError) as e:
             log.warning("feature cache %s is unreadable (%s); recomputing", data_path.name, e)
             return None
         if meta.get("fields") != json.loads(json.dumps(fields, sort_keys=True, default=str)) \
-                or list(feats.shape) != meta.get("shape") or not torch.isfinite(feats).all():
+                or _shape(feats) != meta.get("shape") or not _finite(feats):
             log.warning("feature cache %s does not match its metadata; recomputing", data_path.name)
             return None
         if meta.get("sha256") != hashlib.sha256(blob).hexdigest():
@@ -150,10 +168,12 @@ class FeatureCache:
         from safetensors.torch import save
 
         data_path, meta_path = self.paths(name, fields)
-        blob = save({"features": feats.contiguous()})
+        tensors = {"features": feats.contiguous()} if isinstance(feats, torch.Tensor) else \
+            {f"layer_{i:04d}": x.contiguous() for i, x in enumerate(feats)}
+        blob = save(tensors)
         atomic_write_bytes(data_path, blob)
         atomic_write_json(meta_path, {"fields": json.loads(json.dumps(fields, sort_keys=True, default=str)),
-                                      "shape": list(feats.shape), "sha256": hashlib.sha256(blob).hexdigest()})
+                                      "shape": _shape(feats), "sha256": hashlib.sha256(blob).hexdigest()})
         return data_path
 
     def check_writable(self) -> None:
@@ -171,7 +191,7 @@ class FeatureCache:
             return feats, True
         self.check_writable()
         feats = compute()
-        if not torch.isfinite(feats).all():
+        if not _finite(feats):
             raise InputError(f"{name}: extracted features contain NaN/inf (check the model and dtype)")
         self.save(name, fields, feats)
         return feats, False

@@ -25,7 +25,7 @@ import torch
 
 from . import assets
 from .errors import InputError, ModelUnavailable
-from .registry import LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
+from .registry import CNN_FAMILIES, LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,30 @@ class VisionAdapter:
 
         return self.hidden_states(self.pixel_values([open_image(x, i) for x, i in zip(images, ids)])), None
 
+    has_cls = True
+
+
+@dataclass
+class ConvVisionAdapter(VisionAdapter):
+    """A CNN image encoder (EfficientNet): each stage's feature map ``[B, C, H, W]`` as ``H·W`` tokens ``[B, HW, C]``;
+    the states are the stem, every block and the head convolution. No CLS token: pooled by the mean."""
+
+    has_cls = False
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.encoder.blocks) + 2
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return 0
+
+    @torch.no_grad()
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        px = pixel_values.to(self.runtime.device, self.runtime.dtype)
+        out = self.model(pixel_values=px, output_hidden_states=True)
+        return tuple(h.flatten(2).transpose(1, 2) for h in (*out.hidden_states, out.last_hidden_state))
+
 
 @dataclass
 class MoleculeAdapter:
@@ -243,7 +267,7 @@ def _vision_class(family: str) -> Any:
     import transformers
 
     return {"clip": transformers.CLIPVisionModel, "dinov2": transformers.Dinov2Model,
-            "vit": transformers.ViTModel}[family]
+            "vit": transformers.ViTModel, "efficientnet": transformers.EfficientNetModel}[family]
 
 
 def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
@@ -256,7 +280,8 @@ def load_vision(entry: ModelEntry, runtime: Runtime) -> VisionAdapter:
     extra = {"add_pooling_layer": False} if family == "vit" else {}
     model = load_pretrained(_vision_class(family), entry, source, kw, dtype=runtime.dtype, **extra)
     processor = load_pretrained(AutoImageProcessor, entry, source, kw)
-    return VisionAdapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
+    adapter = ConvVisionAdapter if family in CNN_FAMILIES else VisionAdapter
+    return adapter(entry, family, model.to(runtime.device).eval(), processor, runtime)
 
 
 def _load_lm(entry: ModelEntry, runtime: Runtime, with_head: bool, seq2seq: bool = False) -> tuple[Any, Any]:

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from .errors import InputError
 
 
-def outlier_threshold(layers: torch.Tensor, q: float) -> float:
-    """``q``-quantile of ``|layers|`` for ``layers: [L, N, D]`` (order statistic at index ``int(q * numel)``)."""
+def outlier_threshold(layers: torch.Tensor | list[torch.Tensor], q: float) -> float:
+    """``q``-quantile of ``|layers|`` for ``layers: [L, N, D]`` or a list of ``[N, D_l]`` (order statistic at index
+    ``int(q * numel)``)."""
     if not 0.0 < q <= 1.0:
         raise InputError(f"outlier quantile must be in (0, 1], got {q}")
-    flat = layers.detach().reshape(-1).abs().float()
+    parts = layers if isinstance(layers, list) else [layers]
+    flat = torch.cat([x.detach().reshape(-1) for x in parts]).abs().float()
     idx = min(int(q * flat.numel()), flat.numel() - 1)
     return float(flat.kthvalue(idx + 1).values)
 
@@ -33,9 +35,14 @@ def clamp_outliers(layers: torch.Tensor, q: float | None = 0.95) -> tuple[torch.
     return layers.clamp(-t, t), t
 
 
-def preprocess_features(layers: torch.Tensor, q: float | None = 0.95, normalize: bool = True
-                        ) -> tuple[torch.Tensor, float | None]:
-    """Clamp (optional) then L2-normalise (optional) ``layers: [L, N, D]`` of one model."""
+def preprocess_features(layers: torch.Tensor | list[torch.Tensor], q: float | None = 0.95, normalize: bool = True
+                        ) -> tuple[torch.Tensor | list[torch.Tensor], float | None]:
+    """Clamp (optional) then L2-normalise (optional) ``layers: [L, N, D]`` of one model, or a list of ``[N, D_l]``
+    (widths differing by layer: one threshold over all of them, as for a stacked model)."""
+    if isinstance(layers, list):
+        t = outlier_threshold(layers, q) if q is not None and q < 1.0 else None
+        out = [x.float() if t is None else x.float().clamp(-t, t) for x in layers]
+        return ([F.normalize(x, dim=-1) for x in out] if normalize else out), t
     out, t = clamp_outliers(layers.float(), q)
     if normalize:
         out = F.normalize(out, dim=-1)

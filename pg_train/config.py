@@ -29,7 +29,7 @@ from pg_analysis.errors import InputError
 from pg_analysis.options import option
 
 from .conversations import TEMPLATES
-from .vlm import ATTENTION
+from .vlm import ATTENTION, PRECISIONS
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 #: fields that may differ between a run and the checkpoint it resumes from
@@ -139,7 +139,9 @@ class TrainConfig:
                                       "transformers) before the cosine decay (default: %(default)s)")
     weight_decay: float = option(0.0, "AdamW weight decay (default: %(default)s)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables (default: %(default)s)")
-    precision: str = option("bf16", "bf16 (autocast) or fp32 (default: %(default)s)")
+    precision: str = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the device runs it fast (CUDA with "
+                                    "bf16; a CPU whose bf16 matmul is timed at most 2x fp32's), else fp32 "
+                                    "(default: %(default)s)")
     attention: str = option("auto", "LM attention kernel: auto (eager on CPU, measured faster there; sdpa "
                                     "elsewhere), eager or sdpa (default: %(default)s)")
     gradient_checkpointing: bool = option(False, "recompute decoder layers in the backward pass to save memory "
@@ -179,8 +181,8 @@ class TrainConfig:
             raise InputError("--extra-train adds pairs to the built instruction data; it does not apply to --data llava")
         if self.attention not in ATTENTION:
             raise InputError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.on_bad_record not in ("fail", "skip"):
             raise InputError(f"on_bad_record must be fail or skip, got {self.on_bad_record!r}")
         if self.report_to not in REPORT_TO:

@@ -39,7 +39,7 @@ from .conversations import image_instruction, letter_token_ids
 from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
                        tokenize_records, without_image)
 from .grounding import CACHE_FIELD, GroundedCache
-from .vlm import VLM, precision_context, use_attention
+from .vlm import PRECISIONS, VLM, precision_context, resolve_precision, use_attention
 from .warmup import CaptionStates, caption_targets, image_prefix
 
 CONTROLS = ("image", "no_image", "shuffled")
@@ -136,7 +136,7 @@ class EvalConfig:
     rank_all: bool = True
     generate: bool = True
     max_new_tokens: int = 12
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     bench_repeats: int = 3
     progress: bool = True
@@ -146,8 +146,8 @@ class EvalConfig:
             raise InputError(f"split must be train, val or test, got {self.split!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.bench_repeats < 0:
             raise InputError("batch_size and max_new_tokens must be >= 1, bench_repeats >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,6 +454,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     result: dict[str, Any] = {"model": str(model_dir), "insert_layer": getattr(vlm.model, "insert_layer", None),
                               "split": cfg.split, "template": template, "attention": ev.attention,
+                              "precision": resolve_precision(cfg.precision, ev.device),
                               "n_images": len(records["what"]), "mcq": {}, "rank4": {}}
     if vlm.is_encoder_decoder:
         result["bypass_encoder"] = vlm.model.config.bypass_encoder

@@ -41,7 +41,7 @@ from .datasets import pad_rows
 from .losses import Objective, common_suffix_length, distill_layer_indices
 from .params import add_lora, grad_norms, merge_lora, set_trainable
 from .pipeline import EpochSampler, RecordIndex, TrainDataset, keep_items
-from .vlm import VLM, build_vlm, load_vlm, precision_context, use_attention
+from .vlm import VLM, build_vlm, load_vlm, precision_context, resolve_precision, use_attention
 from .warmup import CaptionStates, caption_targets, match_scale
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,8 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
             scale.update(match_scale(model, run.store.all_features(), run.states, cfg.match_mean))
     if main:
         record = {"data": run.manifest, "num_image_tokens": model.num_image_tokens, "template": run.template,
-                  "attention": attention, "world_size": accelerator.num_processes, "steps": steps}
+                  "attention": attention, "precision": resolve_precision(cfg.precision, device),
+                  "world_size": accelerator.num_processes, "steps": steps}
         if layer_evidence is not None:
             record["layer_auto"] = layer_evidence
         write_run_record(out_dir, "pg-train", cfg.to_dict(), **record)

