@@ -191,9 +191,8 @@ class ConvVisionAdapter(VisionAdapter):
 
 
 @dataclass
-class MoleculeAdapter:
-    """A SMILES encoder (BERT-style) with its tokenizer. ``encode(smiles, ids)`` → every hidden state ``[B, T, D]``
-    and the mask of the atom tokens (``[CLS]``, ``[SEP]`` and padding left out)."""
+class TokenAdapter:
+    """A transformer over tokens with its tokenizer (a causal LM's decoder, a SMILES encoder)."""
 
     entry: ModelEntry
     family: str
@@ -204,6 +203,12 @@ class MoleculeAdapter:
     @property
     def n_layers(self) -> int:
         return self.model.config.num_hidden_layers + 1
+
+
+@dataclass
+class MoleculeAdapter(TokenAdapter):
+    """A SMILES encoder (BERT-style). ``encode(smiles, ids)`` → every hidden state ``[B, T, D]`` and the mask of the
+    atom tokens (``[CLS]``, ``[SEP]`` and padding left out)."""
 
     n_prefix_tokens = 1  # [CLS]
 
@@ -289,18 +294,8 @@ def load_encoder(entry: ModelEntry, runtime: Runtime, modality: str = "image") -
 
 
 @dataclass
-class LMAdapter:
+class LMAdapter(TokenAdapter):
     """A causal LM's decoder (no LM head) with its tokenizer. ``hidden_states(ids, mask)`` → tuple of ``[B, T, D]``."""
-
-    entry: ModelEntry
-    family: str
-    model: Any
-    tokenizer: Any
-    runtime: Runtime
-
-    @property
-    def n_layers(self) -> int:
-        return self.model.config.num_hidden_layers + 1
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
