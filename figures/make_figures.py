@@ -8,6 +8,7 @@ Reads, when present (each figure is skipped, with a line saying why, when its in
 |---|---|---|
 | ``fig1_tradeoff.png`` | Fig. 1 | ``<sweep>/sweep.json`` (``pg-sweep``; + ``<recommend>/recommend.json`` marks the chosen L) |
 | ``fig2_alignment.png`` | Fig. 2 / 5 | ``<align>/alignment.json`` |
+| ``fig5_profiles.png`` | Fig. 5 | every ``<runs>/align*/alignment.json`` (or ``--profiles``): encoders side by side |
 | ``fig3_attention.png``, ``fig6_attention_all.png``, ``fig3_profile.png`` | Fig. 3 / 6 | ``<attnmap>/attnmap.json``, ``attention.npy`` |
 | ``fig7_loss.png`` | Fig. 7 | ``<run>/log.jsonl`` of the ``--loss-runs`` |
 | ``table4.md`` | Table 4 | ``eval.json`` of the ``--loss-runs`` and the sweep; ``<bench>/bench.json`` |
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs", help="root of the saved results (default: %(default)s)")
     p.add_argument("--align", default=None, help="pg-align result (default: <runs>/align)")
+    p.add_argument("--profiles", nargs="*", default=None,
+                   help="pg-align results compared in Fig. 5 (default: every <runs>/align*)")
     p.add_argument("--attnmap", default=None, help="pg-attnmap result (default: <runs>/attnmap)")
     p.add_argument("--sweep", default=None, help="pg-sweep result (default: <runs>/sweep-result)")
     p.add_argument("--recommend", default=None, help="pg-recommend result (default: <runs>/recommend)")
@@ -115,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         made.append("fig2_alignment.png")
     else:
         skipped.append(f"fig2_alignment.png (no {at(args.align, 'align')}/alignment.json)")
+
+    folders = [Path(f) for f in args.profiles] if args.profiles is not None else sorted(runs.glob("align*"))
+    profiles = [r for f in folders if (r := _json(f / ALIGN_RESULT)) is not None]
+    if len(profiles) >= 2:
+        plots.alignment_profiles(profiles, out / "fig5_profiles.png")
+        made.append("fig5_profiles.png")
+    else:
+        skipped.append(f"fig5_profiles.png ({len(profiles)} pg-align result(s) found; it compares two or more)")
 
     am_dir = at(args.attnmap, "attnmap")
     am = _json(am_dir / ATTNMAP_RESULT)

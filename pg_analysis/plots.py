@@ -31,6 +31,30 @@ def _ticks(n: int, max_labels: int = 17) -> list[int]:
     return list(range(0, n, step))
 
 
+def alignment_profiles(summaries: list[dict[str, Any]], path: Path) -> None:
+    """Fig. 5's comparison: each pg-align result's best alignment per LM layer (the maximum over encoder layers),
+    against relative LM depth, with its shuffled null's mean dotted in the same colour — encoders of different kinds
+    (self-supervised, supervised; other modalities) side by side."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, s in enumerate(summaries):
+        if "llm_layer_profile" in s:
+            profile = np.array([np.nan if v is None else v for v in s["llm_layer_profile"]], dtype=float)
+        else:  # an older result: the profile from its grid
+            profile = np.nanmax(np.array(s["grid"], dtype=float), axis=0)
+        depth = np.arange(len(profile)) / max(len(profile) - 1, 1)
+        colour = f"C{i % 10}"
+        label = f"{s['vision']} ({s.get('modality', 'image')}, N={s.get('n_samples', '?')})"
+        ax.plot(depth, profile, "-o", ms=3, color=colour, label=label)
+        if s.get("null"):
+            ax.axhline(s["null"]["mean"], color=colour, ls=":", lw=1)
+    ax.set_xlabel(f"relative LM depth ({summaries[0]['llm']}: layer / last layer)")
+    ax.set_ylabel(f"{summaries[0]['metric']} (best encoder layer)")
+    ax.set_title("alignment per LM layer; dotted: each pair's shuffled null")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def alignment_heatmap(summary: dict[str, Any], path: Path) -> None:
     """Paper orientation (Fig. 2): LM layers vertical (0 at the bottom), vision layers horizontal.
 

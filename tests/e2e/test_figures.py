@@ -47,6 +47,10 @@ def test_make_figures_from_saved_results_only(tmp_path):
     _write(runs / "align" / "alignment.json",
            {"vision": "v", "llm": "l", "metric": "mutual_knn", "k": 10, "n_samples": 64, "grid": grid.tolist(),
             "best": {"vision_layer": 1, "llm_layer": 2, "score": float(grid[1, 2])}})
+    for name, modality in (("align-cnn", "image"), ("align-molecule", "molecule")):  # Fig. 5 compares pg-align runs
+        _write(runs / name / "alignment.json",
+               {"vision": name, "llm": "l", "metric": "mutual_knn", "n_samples": 64, "modality": modality,
+                "llm_layer_profile": [0.1, None, 0.2, 0.3, 0.25, 0.3], "null": {"mean": 0.05}})
     (runs / "attnmap").mkdir(parents=True)
     np.save(runs / "attnmap" / "attention.npy", np.random.default_rng(1).random((5, 16)).astype(np.float32))
     _write(runs / "attnmap" / "attnmap.json", {"vlm": "tiny", "n_prompts": 8, "query": "text", "insert_layer": 0,
@@ -66,7 +70,7 @@ def test_make_figures_from_saved_results_only(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for name in ("fig1_tradeoff.png", "fig2_alignment.png", "fig3_attention.png", "fig6_attention_all.png",
-                 "fig3_profile.png", "fig7_loss.png", "table4.md", "recommend.png"):
+                 "fig3_profile.png", "fig7_loss.png", "table4.md", "recommend.png", "fig5_profiles.png"):
         assert (out / name).is_file(), name
     table = (out / "table4.md").read_text()
     assert "| sweep/L4-s0 | 4 | 0.450 |" in table and "| train-L0 | 0 | 0.500 |" in table
