@@ -34,6 +34,8 @@ def test_bad_flags_are_one_line_not_a_usage_block(capsys):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_writing_leaves_no_temp_folder(tmp_path, capsys, sig):
     out = tmp_path / "result"
+    # a shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def main(args: argparse.Namespace) -> int:
         with atomic_output_dir(out) as tmp:
@@ -42,7 +44,10 @@ def test_a_signal_while_writing_leaves_no_temp_folder(tmp_path, capsys, sig):
             (tmp / "never.json").write_text("{}")
         return 0
 
-    assert run_cli(main, Parser(prog="pg-x"), []) == 130
+    try:
+        assert run_cli(main, Parser(prog="pg-x"), []) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _one_line(capsys, "pg-x") in ("pg-x: terminated", "pg-x: interrupted")
     assert list(tmp_path.iterdir()) == []  # neither the result nor a hidden .result.*.tmp
 
