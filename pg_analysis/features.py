@@ -80,9 +80,9 @@ def n_samples(layers: torch.Tensor | list[torch.Tensor]) -> int:
 
 
 def extract_vision(adapter: Any, items: list[Any], ids: list[str], pooling: str = "cls", batch_size: int = 16,
-                   progress: bool = True) -> torch.Tensor:
-    """Pooled features of every hidden state of an encoder (images, molecules: the adapter's ``encode``) →
-    ``[L, N, D]``."""
+                   progress: bool = True) -> torch.Tensor | list[torch.Tensor]:
+    """Pooled features of every hidden state of an encoder (images, molecules, sounds: the adapter's ``encode``) →
+    ``[L, N, D]``, or a list of ``[N, D_l]`` when the widths differ by layer."""
     if pooling not in VISION_POOLING:
         raise InputError(f"unknown encoder pooling {pooling!r}; choose from {VISION_POOLING}")
     if pooling == "cls" and not getattr(adapter, "has_cls", True):

@@ -25,7 +25,8 @@ import torch
 
 from . import assets
 from .errors import InputError, ModelUnavailable
-from .registry import AUDIO_FAMILIES, CNN_FAMILIES, LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry, family_of_model_type
+from .registry import (AUDIO_FAMILIES, CNN_FAMILIES, LM_FAMILIES, MOLECULE_FAMILIES, VISION_FAMILIES, ModelEntry,
+                       family_of_model_type)
 
 log = logging.getLogger(__name__)
 

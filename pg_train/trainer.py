@@ -375,6 +375,11 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
     vlm, device = run.vlm, accelerator.device
     model = vlm.model
     attention = use_attention(model, cfg.attention)
+    precision = resolve_precision(cfg.precision, device)
+    if accelerator.num_processes > 1:  # every process autocasts alike: rank 0's choice ("auto" is timed per process)
+        from accelerate.utils import broadcast_object_list
+
+        precision = broadcast_object_list([precision])[0]
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()  # transformers renamed gradient_checkpointing_enable (5.24)
     steps = run.steps
@@ -392,7 +397,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
             scale.update(match_scale(model, run.store.all_features(), run.states, cfg.match_mean))
     if main:
         record = {"data": run.manifest, "num_image_tokens": model.num_image_tokens, "template": run.template,
-                  "attention": attention, "precision": resolve_precision(cfg.precision, device),
+                  "attention": attention, "precision": precision,
                   "world_size": accelerator.num_processes, "steps": steps}
         if layer_evidence is not None:
             record["layer_auto"] = layer_evidence
@@ -447,7 +452,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                                    "lr": {pg["name"]: pg["lr"] for pg in optimizer.param_groups}}
             if stage == 0:
                 flips = (step_rng(cfg.seed, 0, step).random(len(run.store)) < 0.5).astype(int).tolist()
-                with precision_context(cfg.precision, device):
+                with precision_context(precision, device):
                     terms = objective(stage=0, features=run.store.all_features(flips).to(device))
                 accelerator.backward(terms["total"])
                 optimizer.step()
@@ -456,7 +461,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                 rec.update(loss=float(terms["infonce"]), samples_per_s=len(run.store) / (time.perf_counter() - t0))
             else:
                 rec.update(_stage_step(cfg, run, accelerator, objective, optimizer, scheduler, param_groups,
-                                       batches, stage, step, world, g))
+                                       batches, stage, step, world, g, precision))
                 skipped += rec.pop("skipped")
             dt = time.perf_counter() - t0
             rec["step_s"] = dt
@@ -522,8 +527,8 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
 
 def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, optimizer: Any, scheduler: Any,
                 param_groups: list[dict[str, Any]], batches: Iterator[list[dict[str, Any]]], stage: int, step: int,
-                world: int, g: int) -> dict[str, Any]:
-    """One optimizer step of stage 1 or 2: ``g`` micro-batches, the global token count first (the LM term's
+                world: int, g: int, precision: str) -> dict[str, Any]:
+    """One optimizer step of stage 1 or 2 (``precision``: the run's resolved one): ``g`` micro-batches, the global token count first (the LM term's
     denominator), then forward/backward under accelerate's accumulation; returns the step's log fields."""
     device = accelerator.device
     rng = step_rng(cfg.seed, stage, step)
@@ -558,7 +563,7 @@ def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, op
                 # module's forward, so DDP / FSDP see a forward before the backward and every process syncs
                 loss = objective(stage=stage, inputs=None)["total"]
             else:
-                with precision_context(cfg.precision, device):
+                with precision_context(precision, device):
                     terms = objective(stage=stage, inputs=p["inputs"], num_items=n_items, lm_scale=world * g,
                                       image_rows=p["image_rows"], twins=p["twins"])
                 loss = terms["total"]
