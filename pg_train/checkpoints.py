@@ -55,7 +55,9 @@ def read_checkpoint(path: Path, cfg: TrainConfig, world_size: int) -> dict[str, 
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"checkpoint {path} is unreadable ({e})") from None
     saved, now = state.get("config", {}), training_fields(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # an option that did not exist when the checkpoint was written was, in effect, at its default
+    default = training_fields(TrainConfig())
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k, default.get(k)) != now.get(k))
     if diff:
         raise InputError(f"checkpoint {path} is incompatible with this run: options differ ({', '.join(diff)})")
     if state.get("world_size", 1) != world_size:

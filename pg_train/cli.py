@@ -179,6 +179,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-repeats", type=int, default=d.bench_repeats,
                    help="timed repeats of the prefill comparison; 0 skips it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the shuffled-image control (default: %(default)s)")
+    p.add_argument("--modality", default=None, choices=["image", "molecule"],
+                   help="the inputs each run's model must read; a run whose model reads others is an error "
+                        "(default: whatever it reads, recorded in eval.json)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval for each run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="log loading")
@@ -201,7 +204,7 @@ def _eval_main(args: argparse.Namespace) -> int:
         cfg = EvalConfig(run=run, data_dir=args.data_dir, split=args.split, batch_size=args.batch_size,
                          rank_all=not args.no_rank_all, generate=not args.no_generate,
                          max_new_tokens=args.max_new_tokens, precision=args.precision, seed=args.seed,
-                         bench_repeats=args.bench_repeats, progress=not args.quiet)
+                         bench_repeats=args.bench_repeats, progress=not args.quiet, modality=args.modality)
         out = Path(args.out) if args.out else Path(run) / EVAL_DIR
         check_writable_parent(out)
         result = evaluate(cfg)

@@ -10,7 +10,11 @@ options and the recipe file are saved with the run (``run.json``, ``recipe.json`
 - ``llava15`` — LLaVA-1.5's published hyperparameters (stage 1: projector only, lr 1e-3, global batch 256, one
   epoch, ``plain`` template; stage 2: projector + LM layers ≥ L, lr 2e-5, global batch 128, one epoch,
   ``vicuna_v1``, cosine with 3 % warm-up, no weight decay, bf16, gradient checkpointing, max length 2048), on
-  LLaVA JSON/JSONL given by ``--stage1-data``/``--stage2-data``.
+  LLaVA JSON/JSONL given by ``--stage1-data``/``--stage2-data``;
+- ``molca`` — the molecule modality, MolCA-style: rxnmapper's SMILES ALBERT (frozen) → 8 slots → projector →
+  SmolLM2-135M entering at L, on the offline molecule pairs (class questions, names; split by molecule), the offline
+  recipe's machinery with stage 2 shortened (110 steps of 8) to fit 15 minutes on a 2-core CPU; the LM layers ≥ L
+  train in full (``--lora``, MolCA's choice, did not learn the answer format in that budget).
 
 ``batch_size`` is the **global** batch of one optimizer step: split over the processes and ``grad_accum``
 micro-batches (it must divide evenly).
@@ -29,7 +33,7 @@ from pg_analysis.errors import InputError
 from pg_analysis.options import option
 
 from .conversations import TEMPLATES
-from .vlm import ATTENTION, PRECISIONS
+from .vlm import ATTENTION, PRECISIONS, TRAINABLE_MODALITIES
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 #: fields that may differ between a run and the checkpoint it resumes from
@@ -47,8 +51,12 @@ class TrainConfig:
     recipe: str = option("tuxpaint", "recipe: tuxpaint (offline, the defaults), llava15 (LLaVA-1.5's "
                                      "hyperparameters) or a recipe JSON file; flags override it (default: "
                                      "%(default)s)")
-    vision: str = option("dinov2-small-imgfocus", "frozen vision encoder: alias, folder or hub id (default: "
-                                                  "%(default)s)")
+    modality: str = option("image", "what the frozen encoder reads: image, or molecule (--vision a SMILES encoder "
+                                    "such as smiles-albert; --data molecules, a molecule pairs .jsonl, or llava "
+                                    "records whose 'image' names .smi files; --recipe molca sets it all) (default: "
+                                    "%(default)s)")
+    vision: str = option("dinov2-small-imgfocus", "frozen vision encoder: alias, folder or hub id; with --modality "
+                                                  "molecule a SMILES encoder (default: %(default)s)")
     llm: str = option("smollm2-135m", "language model: alias, folder or hub id (default: %(default)s)")
     init_from: str | None = option(None, "start from a pg-train model folder or an HF LLaVA checkpoint (e.g. llava) "
                                          "instead of --vision/--llm")
@@ -63,6 +71,8 @@ class TrainConfig:
     vision_feature_layer: int = option(-2, "encoder hidden state used, as LLaVA (default: %(default)s)")
     vision_pool: int = option(4, "average-pool the patch grid with this kernel: 4 turns 16x16 patches into 16 tokens"
                                  " (default: %(default)s)")
+    slots: int = option(8, "--modality molecule: rows per molecule, its atom tokens' encoder states mean-pooled in "
+                           "order into this many slots (default: %(default)s)")
     projector: str = option("mlp", "projector: mlp (LLaVA's 2-layer GELU) or linear (default: %(default)s)")
     data: str = option("tuxpaint", "image-caption pairs the instruction data is built from (tuxpaint, a "
                                    ".jsonl/.csv), or llava to train on --stage1-data/--stage2-data (default: "
@@ -71,6 +81,9 @@ class TrainConfig:
                                              "or .jsonl/.csv); pairs sharing a val/test caption are left out; auto: "
                                              "tuxpaint-cartoon (108 drawings) when --data is tuxpaint, else none; "
                                              "none: off (default: %(default)s)")
+    stage2_tasks: str = option("mcq,what", "built data only: the tasks stage 2 trains on, comma-separated (mcq: the "
+                                           "multiple-choice questions; what: \"What is this?\" -> caption or name) "
+                                           "(default: %(default)s)")
     stage1_data: str | None = option(None, "LLaVA JSON or JSONL for stage 1 (captioning); several files joined "
                                            "with commas")
     stage2_data: str | None = option(None, "LLaVA JSON or JSONL for stage 2 (instructions; records without "
@@ -164,7 +177,7 @@ class TrainConfig:
         for name in ("stage0_steps", "stage1_steps", "stage2_steps", "text_first_steps", "num_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "vision_pool", "lora_r",
+        for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "vision_pool", "lora_r", "slots",
                      "stage1_batch_size", "max_steps", "length_group"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -179,6 +192,12 @@ class TrainConfig:
             raise InputError(f"template must be auto or one of {TEMPLATES}, got {self.template!r}")
         if self.data == "llava" and self.extra_pairs() is not None:
             raise InputError("--extra-train adds pairs to the built instruction data; it does not apply to --data llava")
+        if self.modality not in TRAINABLE_MODALITIES:
+            raise InputError(f"modality must be one of {', '.join(TRAINABLE_MODALITIES)} (audio is aligned by "
+                             f"pg-align, not yet trained), got {self.modality!r}")
+        tasks = [t for t in self.stage2_tasks.split(",") if t]
+        if not tasks or set(tasks) - {"mcq", "what"}:
+            raise InputError(f"stage2_tasks must name mcq and/or what, got {self.stage2_tasks!r}")
         if self.attention not in ATTENTION:
             raise InputError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.precision not in PRECISIONS:
@@ -244,7 +263,7 @@ class TrainConfig:
         if self.extra_train in (None, "", "none"):
             return None
         if self.extra_train == "auto":
-            return "tuxpaint-cartoon" if self.data == "tuxpaint" else None
+            return "tuxpaint-cartoon" if self.data == "tuxpaint" and self.modality == "image" else None
         return self.extra_train
 
     def global_batch(self, stage: int) -> int:

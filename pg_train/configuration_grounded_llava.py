@@ -22,7 +22,10 @@ class GroundedLlavaConfig(LlavaConfig):
     - ``vision_pool``: average-pool the patch grid with this kernel (1 = off);
     - ``projector_type``: ``"mlp"`` (LLaVA's Linear–GELU–Linear) or ``"linear"``;
     - ``grounding_mode``: ``"splice"`` (vision rows absent below L) or ``"mask"`` (present, masked);
-    - ``vision_image_size``: pixels the processor feeds the tower when not ``vision_config.image_size`` (DINOv2).
+    - ``vision_image_size``: pixels the processor feeds the tower when not ``vision_config.image_size`` (DINOv2);
+    - ``vision_slots``: 0 for an image tower (rows = its patch grid); S > 0 for a tower over tokens (a SMILES
+      encoder, MolCA-style): ``pixel_values`` then holds its input ids, and each input's token states are
+      mean-pooled into S slots (the encoder's ``[CLS]`` and ``[SEP]`` left out).
 
     Validates itself; no I/O.
     """
@@ -34,6 +37,7 @@ class GroundedLlavaConfig(LlavaConfig):
     projector_type: str = "mlp"
     grounding_mode: str = "splice"
     vision_image_size: int = 0
+    vision_slots: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -48,6 +52,8 @@ class GroundedLlavaConfig(LlavaConfig):
                                  f"[{self.insert_layer}, {n}], got {self.exit_layer!r}")
         if self.vision_pool < 1:
             raise GroundingError(f"vision_pool must be >= 1, got {self.vision_pool}")
+        if isinstance(self.vision_slots, bool) or not isinstance(self.vision_slots, int) or self.vision_slots < 0:
+            raise GroundingError(f"vision_slots must be an integer >= 0, got {self.vision_slots!r}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise GroundingError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if self.grounding_mode not in MODES:
@@ -62,7 +68,9 @@ class GroundedLlavaConfig(LlavaConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Vision rows per image after selection and pooling."""
+        """Vision rows per image after selection and pooling (per input of a token tower: its slots)."""
+        if self.vision_slots:
+            return self.vision_slots
         vc = self.vision_config
         side = (self.vision_image_size or vc.image_size) // vc.patch_size
         pooled = (side // self.vision_pool) ** 2

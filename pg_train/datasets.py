@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pg_analysis.errors import InputError
 from pg_analysis.runs import DATA_MANIFEST
-from pg_analysis.runinfo import atomic_write_json
+from pg_analysis.runinfo import atomic_write_bytes, atomic_write_json
 
 from .conversations import IMAGE_TOKEN, encode_conversation
 
@@ -81,19 +83,21 @@ def _gpt(text: str) -> dict[str, str]:
     return {"from": "gpt", "value": text}
 
 
-def mcq_prompt(options: list[str]) -> str:
+def mcq_prompt(options: list[str], question: str = MCQ_QUESTION) -> str:
     lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
-    return "\n".join([MCQ_QUESTION, *lines, MCQ_INSTRUCTION])
+    return "\n".join([question, *lines, MCQ_INSTRUCTION])
 
 
-def mcq_record(base: dict[str, Any], pool: list[str], answer: int, rng: np.random.Generator) -> dict[str, Any]:
+def mcq_record(base: dict[str, Any], pool: list[str], answer: int, rng: np.random.Generator,
+               question: str = MCQ_QUESTION, weights: np.ndarray | None = None) -> dict[str, Any]:
     """A 4-way multiple-choice record for ``base`` (``image``, ``caption``, ``image_id``): three distractors drawn
-    from ``pool`` (captions that differ from ``base["caption"]``), the caption placed at option ``answer``."""
+    from ``pool`` (captions that differ from ``base["caption"]``; with probabilities ``weights`` when given), the
+    caption placed at option ``answer``."""
     letter = LETTERS[answer]
-    distractors = [pool[j] for j in rng.choice(len(pool), size=3, replace=False)]
+    distractors = [pool[j] for j in rng.choice(len(pool), size=3, replace=False, p=weights)]
     options = distractors[:answer] + [base["caption"]] + distractors[answer:]
     return {**base, "id": f"{base['image_id']}#mcq{letter}", "task": "mcq", "options": options, "answer": letter,
-            "conversations": [_human(f"{IMAGE_TOKEN}\n{mcq_prompt(options)}"), _gpt(letter)]}
+            "conversations": [_human(f"{IMAGE_TOKEN}\n{mcq_prompt(options, question)}"), _gpt(letter)]}
 
 
 def split_ids(ids: list[str], seed: int, val_frac: float, test_frac: float) -> dict[str, list[str]]:
@@ -165,6 +169,93 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
     return manifest
 
 
+MOLECULE_MCQ_QUESTION = "Which class of compounds is this molecule?"
+MOLECULE_WHAT_QUESTION = "What is this molecule?"
+MOLECULES_DIR = "molecules"
+
+
+def _file_name(ident: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", ident).strip("._") or "molecule"
+
+
+def build_molecule_instructions(out_dir: str | Path, pairs: Any, seed: int = 0, val_frac: float = 0.05,
+                                test_frac: float = 0.23) -> dict[str, Any]:
+    """Write the offline molecule instruction data (LLaVA JSON; MolCA-style tasks) from molecule pairs
+    (``id``, ``smiles``, ``caption`` "name, class phrase", ``category``) into ``out_dir``, split by molecule.
+
+    Each molecule's SMILES goes to ``molecules/<id>.smi`` (the records' ``image``: the input file, as an image's).
+    Per split: ``{split}_caption.json`` (stage 1: ``<image>`` → its caption), ``{split}_mcq.json`` (4 class
+    questions per molecule: its class phrase and three other classes', drawn about as often as each class is an
+    answer in the split, the answer rotated over A–D; ``caption`` = the class phrase) and ``{split}_what.json`` ("What is this molecule?" → its name; ``candidates``: the name and
+    three other names of the split, for name ranking). Records carry ``modality: molecule`` (text twins read
+    ``Molecule: …``). Deterministic in ``seed``. Returns the manifest, also written to ``manifest.json``."""
+    from pg_analysis.molecules import CLASS_PHRASE, check_smiles
+
+    rows = {}
+    for r in pairs:
+        if not r.get("category"):
+            raise InputError(f"molecule {r['id']}: no category, so no class question can be asked (the pairs "
+                             "need a 'category' column)")
+        rows[r["id"]] = r
+    phrase = {r["category"]: CLASS_PHRASE.get(r["category"], r["category"].replace("_", " ")) for r in rows.values()}
+    classes = sorted(set(phrase.values()))
+    if len(classes) < 4:
+        raise InputError(f"class questions need at least 4 classes, the pairs have {len(classes)}")
+    out_dir = Path(out_dir)
+    root = out_dir / MOLECULES_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for i, r in rows.items():
+        name = _file_name(i) + ".smi"
+        if name in files.values():
+            raise InputError(f"molecule ids {i!r} and another one give the same file name {name}")
+        files[i] = name
+        text = f"{check_smiles(r['smiles'], i)} {i}\n".encode()
+        if not (root / name).is_file() or (root / name).read_bytes() != text:  # unchanged: cached features hold
+            atomic_write_bytes(root / name, text)
+    splits = split_ids(list(rows), seed, val_frac, test_frac)
+    manifest: dict[str, Any] = {"image_root": str(root), "modality": "molecule", "seed": seed,
+                                "val_frac": val_frac, "test_frac": test_frac, "files": {}, "counts": {}}
+    for s_i, (split, ids) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, s_i])
+        name_of = {}
+        for i in ids:
+            cap, suffix = rows[i]["caption"].strip(), ", " + phrase[rows[i]["category"]]
+            name_of[i] = cap[:-len(suffix)] if cap.endswith(suffix) else cap
+        records: dict[str, list[dict[str, Any]]] = {"caption": [], "mcq": [], "what": []}
+        count = Counter(phrase[rows[i]["category"]] for i in ids)
+        for i in ids:
+            r, cls = rows[i], phrase[rows[i]["category"]]
+            base = {"image": files[i], "image_id": i, "modality": "molecule", "smiles": r["smiles"]}
+            records["caption"].append({**base, "id": f"{i}#caption", "task": "caption", "caption": r["caption"],
+                                       "conversations": [_human(IMAGE_TOKEN), _gpt(r["caption"])]})
+            others = sorted({n for j, n in name_of.items() if n.lower() != name_of[i].lower()})
+            candidates = None
+            if len(others) >= 3:
+                candidates = [others[k] for k in rng.choice(len(others), 3, replace=False)]
+                candidates.insert(int(rng.integers(4)), name_of[i])
+            records["what"].append({**base, "id": f"{i}#what", "task": "what", "caption": name_of[i],
+                                    "candidates": candidates,
+                                    "conversations": [_human(f"{IMAGE_TOKEN}\n{MOLECULE_WHAT_QUESTION}"),
+                                                      _gpt(name_of[i])]})
+            # distractor classes about as often as they are answers in this split (counts + ½, so every class can
+            # be drawn): an option's class alone says little about whether it is the answer (the no-molecule
+            # control checks)
+            pool = [c for c in classes if c != cls]
+            p = np.array([count[c] + 0.5 for c in pool])
+            weights = p / p.sum()
+            records["mcq"] += [mcq_record({**base, "caption": cls}, pool, k, rng, MOLECULE_MCQ_QUESTION, weights)
+                               for k in range(len(LETTERS))]
+        for task, recs in records.items():
+            name = f"{split}_{task}.json"
+            atomic_write_json(out_dir / name, recs)
+            manifest["files"][f"{split}_{task}"] = name
+            manifest["counts"][f"{split}_{task}"] = len(recs)
+        manifest["counts"][f"{split}_images"] = len(ids)
+    atomic_write_json(out_dir / DATA_MANIFEST, manifest)
+    return manifest
+
+
 def without_image(record: dict[str, Any], replacement: str = "") -> dict[str, Any]:
     """The record without its image: each ``<image>`` placeholder (with the line break after it, when
     ``replacement`` is empty) replaced by ``replacement`` in every turn; the other fields kept."""
@@ -175,12 +266,17 @@ def without_image(record: dict[str, Any], replacement: str = "") -> dict[str, An
     return {k: v for k, v in record.items() if k not in ("image", "image_path")} | {"conversations": conv}
 
 
+#: how a text twin introduces the caption that stands in for the input, by the record's ``modality``
+TWIN_LABEL = {"image": "Picture", "molecule": "Molecule"}
+
+
 def text_first(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record with its image replaced by its caption as text ("teach the answer format with text first");
-    None when the record has no caption."""
+    """The record with its image replaced by its caption as text ("teach the answer format with text first":
+    ``Picture: <caption>.``, ``Molecule: <caption>.`` for a record whose ``modality`` is molecule); None when the
+    record has no caption."""
     if not record.get("caption") or not record.get("image"):
         return None
-    return without_image(record, f"Picture: {record['caption']}.")
+    return without_image(record, f"{TWIN_LABEL.get(record.get('modality', 'image'), 'Input')}: {record['caption']}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,17 +314,17 @@ def encoder_key(vlm: Any, mirror: bool = True) -> dict[str, Any]:
 def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_size: int = 32,
                    progress: bool = True, mirror: bool = True) -> torch.Tensor:
     """Frozen-encoder features of each image and of its mirror: ``[N, 2, P, D_v]`` fp32 (index 1 = flipped);
-    ``mirror=False``: ``[N, 1, P, D_v]``, the images only (analysis, evaluation of many images).
+    ``mirror=False``: ``[N, 1, P, D_v]``, the images only (analysis, evaluation of many images). A SMILES tower's
+    inputs are ``.smi`` files and their "mirror" another spelling of the molecule (:mod:`.inputs`).
 
     Cached under ``cache_dir`` one entry per image, keyed by the vision tower's config and weights checksum, the
     feature layer, selection and pooling, the image processor, and the image file (path, size, mtime): another
     split of the same pictures (another seed, the test images at evaluation) reads what an earlier run extracted,
     and only images never seen are encoded.
     """
-    from PIL import ImageOps
-
-    from pg_analysis.data import open_image
     from pg_analysis.features import FeatureCache
+
+    from .inputs import augmented_input, open_input
 
     if not paths:
         raise InputError("no images to encode: the records name no image files")
@@ -236,8 +332,8 @@ def image_features(vlm: Any, paths: list[str], cache_dir: Path | None, batch_siz
     base = encoder_key(vlm, mirror)
 
     def encode(chunk: list[str]) -> torch.Tensor:
-        pil = [open_image(p) for p in chunk]
-        both = pil + [ImageOps.mirror(im) for im in pil] if mirror else pil
+        pil = [open_input(vlm.image_processor, p) for p in chunk]
+        both = pil + [augmented_input(vlm.image_processor, im) for im in pil] if mirror else pil
         feats = model.encode_images(vlm.pixel_values(both)).float().cpu()
         out = torch.stack([feats[:len(pil)], feats[len(pil):]], 1) if mirror else feats[:, None]
         if not torch.isfinite(out).all():

@@ -4,8 +4,11 @@
   position are compared. Reported with a Wilson 95 % interval and the histogram of predicted letters (a model stuck
   on one letter shows at once).
 - **Caption ranking**: for each test image, the mean token log-likelihood of candidate captions as the answer to
-  "What is this?": among its 4 MCQ options, and among all test captions (the prompt is run once, its KV cache is
-  repeated over the candidates).
+  "What is this?": among its 4 MCQ options (a record's own ``candidates`` when it has them: a molecule's name among
+  three others), and among all test captions (the prompt is run once, its KV cache is repeated over the
+  candidates).
+- Molecule runs (``--modality molecule``) are read the same way: the MCQ asks for the molecule's class, the ranking
+  for its name; the controls drop the molecule or give each question another test molecule's.
 - **Caption generation**: greedy ``generate()``; exact match and ROUGE-L F1 against the reference caption.
 - **Controls**, beside every accuracy: the same model with no image (the image placeholder removed) and with
   shuffled images (each question gets another test image's features, a derangement). An accuracy that survives
@@ -140,6 +143,7 @@ class EvalConfig:
     seed: int = 0
     bench_repeats: int = 3
     progress: bool = True
+    modality: str | None = None  # the inputs the run's model must read (None: whatever it reads)
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "val", "test"):
@@ -319,10 +323,12 @@ class Evaluator:
         all_captions = sorted({r["caption"] for r in what})
         tok = self.vlm.tokenizer
         encode = lambda c: tok(c, add_special_tokens=False)["input_ids"]  # noqa: E731
-        encoded = {c: encode(c) for c in set(all_captions) | {o for os in options.values() for o in os}}
+        encoded = {c: encode(c) for c in set(all_captions) | {o for os in options.values() for o in os}
+                   | {c for r in what for c in r.get("candidates") or ()}}
         correct = []
         for ex, r in tqdm(list(zip(prompts, what)), desc=f"ranking {pool} ({control})", disable=not self.cfg.progress):
-            cands = options.get(r["image_id"]) if pool == "options" else all_captions
+            # a record's own 4 candidates (a molecule's name among three others), else its image's MCQ options
+            cands = (r.get("candidates") or options.get(r["image_id"])) if pool == "options" else all_captions
             if not cands:
                 continue
             scores = self._candidate_scores(ex, [encoded[c] for c in cands])
@@ -445,6 +451,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model_dir, run_cfg, data = _run_files(run, cfg.data_dir)
     pm = load_prompt_model(run, runtime=pick_runtime(None, "float32"))
     vlm, template, system = pm.vlm, pm.template, pm.system
+    if cfg.modality is not None and vlm.modality != cfg.modality:
+        raise InputError(f"{run}: its model reads {vlm.modality} inputs, not --modality {cfg.modality}")
     train_cfg = run_cfg.get("config", {})
     records = split_records(data, cfg.split, ("mcq", "what"))
     cache_dir = feature_cache_dir(train_cfg.get("cache_dir"))
@@ -453,7 +461,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                    centred=bool(train_cfg.get("scale_match", True) and train_cfg.get("match_mean", False)))
     t0 = time.perf_counter()
     result: dict[str, Any] = {"model": str(model_dir), "insert_layer": getattr(vlm.model, "insert_layer", None),
-                              "split": cfg.split, "template": template, "attention": ev.attention,
+                              "modality": vlm.modality, "split": cfg.split, "template": template,
+                              "attention": ev.attention,
                               "precision": resolve_precision(cfg.precision, ev.device),
                               "n_images": len(records["what"]), "mcq": {}, "rank4": {}}
     if vlm.is_encoder_decoder:

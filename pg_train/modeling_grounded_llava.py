@@ -99,6 +99,34 @@ def select_features(hidden: torch.Tensor, config: GroundedLlavaConfig) -> torch.
     return patches
 
 
+def pool_token_slots(hidden: torch.Tensor, tokens: torch.Tensor, slots: int) -> torch.Tensor:
+    """Mean-pool each input's tokens into ``slots`` contiguous slots: ``hidden [B, T, D]``, ``tokens [B, T]`` (True
+    at the tokens to pool, contiguous per row) → ``[B, slots, D]``.
+
+    Slot ``j`` of a row with ``n`` tokens averages its tokens ``⌊j·n/S⌋ … max(⌊j·n/S⌋ + 1, ⌈(j+1)·n/S⌉) − 1``: every
+    token in some slot, every slot at least one token (an input shorter than ``S`` repeats tokens). A row without
+    tokens gives zero slots."""
+    b, t, _ = hidden.shape
+    tokens = tokens.bool()
+    n = tokens.sum(1, keepdim=True)  # [B, 1]
+    first = torch.where(tokens.any(1), tokens.float().argmax(1), torch.zeros(b, dtype=torch.long, device=hidden.device))
+    rank = torch.arange(t, device=hidden.device)[None] - first[:, None]  # [B, T]: index among the row's tokens
+    j = torch.arange(slots, device=hidden.device)[None, :, None]  # [1, S, 1]
+    start = torch.div(j * n[:, :, None], slots, rounding_mode="floor")
+    end = torch.maximum(start + 1, torch.div((j + 1) * n[:, :, None] + slots - 1, slots, rounding_mode="floor"))
+    weights = ((rank[:, None] >= start) & (rank[:, None] < end) & tokens[:, None]).to(hidden.dtype)  # [B, S, T]
+    return weights @ hidden / weights.sum(-1, keepdim=True).clamp_min(1)
+
+
+def token_tower_inputs(input_ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token tower's right-padded ``input_ids [B, T]`` (``[CLS] … [SEP]`` then ``pad_id``) → ``(attention_mask,
+    tokens)``: the mask of real tokens, and of the tokens to pool (``[CLS]`` and ``[SEP]`` left out)."""
+    mask = input_ids != pad_id
+    last = mask.sum(1, keepdim=True) - 1
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    return mask.long(), mask & (pos > 0) & (pos < last)
+
+
 def placeholder_mask(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, token_id: int,
                      embeddings: nn.Module) -> torch.Tensor:
     """``[B, T]`` True at image placeholders: by id, or (``inputs_embeds`` only) where a row equals the
@@ -127,7 +155,9 @@ class GroundedLlavaModel(ProjectorInit, LlavaModel):
 
     def __init__(self, config: GroundedLlavaConfig):
         super(LlavaModel, self).__init__(config)  # LlavaPreTrainedModel: LlavaModel would build its own projector
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        # a token tower (SMILES BERT/ALBERT) without its pooler: only its hidden states are read
+        self.vision_tower = AutoModel.from_config(config.vision_config,
+                                                  **({"add_pooling_layer": False} if config.vision_slots else {}))
         self.multi_modal_projector = VisionProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -180,13 +210,27 @@ class GroundedLlavaForConditionalGeneration(ProjectorInit, LlavaForConditionalGe
     def decoder_parts(self) -> DecoderParts:
         return DecoderParts(self.config.text_config, self.model.language_model, self.lm_head)
 
+    def _tower(self, pixel_values: torch.Tensor, layer: int, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        """The tower's outputs on ``pixel_values`` and layer ``layer``'s selected, pooled features: an image tower's
+        patch grid (:func:`select_features`), or a token tower's slots (:func:`pool_token_slots`; ``pixel_values``
+        are then its right-padded input ids)."""
+        tower = self.model.vision_tower
+        if not self.config.vision_slots:
+            out = tower(pixel_values.to(tower.device, tower.dtype), output_hidden_states=True, return_dict=True,
+                        **kwargs)
+            return out, select_features(out.hidden_states[layer], self.config)
+        if pixel_values.dtype.is_floating_point:
+            raise GroundingError("this model's encoder reads token ids: pixel_values must hold its input ids")
+        ids = pixel_values.to(tower.device)
+        mask, tokens = token_tower_inputs(ids, self.config.vision_config.pad_token_id or 0)
+        out = tower(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True, **kwargs)
+        return out, pool_token_slots(out.hidden_states[layer], tokens, self.config.vision_slots)
+
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen part: ``pixel_values [n_images, 3, H, W]`` → selected, pooled features ``[n_images, P, D_v]``."""
-        tower = self.model.vision_tower
-        px = pixel_values.to(tower.device, tower.dtype)
-        hidden = tower(px, output_hidden_states=True, return_dict=True).hidden_states[self.config.vision_feature_layer]
-        return select_features(hidden, self.config)
+        """The frozen part: ``pixel_values [n_images, 3, H, W]`` (a token tower: input ids ``[n, T]``) → selected,
+        pooled features ``[n_images, P, D_v]``."""
+        return self._tower(pixel_values, self.config.vision_feature_layer)[1]
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The trained part: ``[n_images, P, D_v]`` → ``[n_images, P, d]`` in the LM's embedding space."""
@@ -203,10 +247,8 @@ class GroundedLlavaForConditionalGeneration(ProjectorInit, LlavaForConditionalGe
         if not isinstance(layer, int) or strategy != self.config.vision_feature_select_strategy:
             raise GroundingError("the grounded model's image features use its configured single feature layer "
                                  f"and selection {self.config.vision_feature_select_strategy!r}")
-        tower = self.model.vision_tower
-        out = tower(pixel_values.to(tower.device, tower.dtype), output_hidden_states=True, return_dict=True,
-                    **kwargs)
-        out.pooler_output = list(self.project(select_features(out.hidden_states[layer], self.config)))
+        out, features = self._tower(pixel_values, layer, **kwargs)
+        out.pooler_output = list(self.project(features))
         return out if return_dict is not False else out.to_tuple()
 
     def embed(self, input_ids: torch.Tensor | None, vision_embeds: torch.Tensor | None,

@@ -204,12 +204,10 @@ class TrainDataset(Dataset):
     def _image(self, path: str) -> Any:
         if self.store is not None:
             return self.store.row(path)
-        from pg_analysis.data import open_image
+        from .inputs import open_input
 
-        if not Path(path).is_file():
-            raise InputError(f"image file {path} not found")
-        image = open_image(path)  # an InputError for a damaged or oversized file
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        item = open_input(self.image_processor, path)  # an InputError for a missing or damaged file
+        return self.image_processor(images=[item], return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record_id: Any = i

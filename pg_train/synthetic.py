@@ -49,7 +49,8 @@ def tiny_llama_config(**kw):
 def write_tiny_models(root: str | Path) -> dict[str, Path]:
     """Tiny randomly initialised models saved as HF folders under ``root``: ``clip``, ``dinov2``, ``vit`` vision
     encoders (8 px images, 2 px patches), a 3-layer ``llama`` LM and a 2 + 2-layer ``t5`` encoder–decoder LM, each
-    with a word-level tokenizer over :data:`WORDS`. Seeded: the same weights every time."""
+    with a word-level tokenizer over :data:`WORDS`, and a ``smiles`` encoder (:func:`write_tiny_smiles_encoder`).
+    Seeded: the same weights every time."""
     import torch
     from transformers import (BitImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
                               LlamaForCausalLM, T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel)
@@ -74,6 +75,7 @@ def write_tiny_models(root: str | Path) -> dict[str, Path]:
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
     make_tokenizer(folder)
     out["llama"] = folder
+    out["smiles"] = write_tiny_smiles_encoder(root / "smiles")
     folder = root / "t5"
     T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 4, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                         num_decoder_layers=2, num_heads=4, pad_token_id=3, eos_token_id=2,
@@ -81,6 +83,37 @@ def write_tiny_models(root: str | Path) -> dict[str, Path]:
     make_tokenizer(folder, add_bos=False)
     out["t5"] = folder
     return out
+
+
+#: the tiny SMILES tokenizer's tokens: two-letter halogens, bracket atoms' parts, bonds, rings, branches
+SMILES_TOKENS = ["Cl", "Br", *"BCNOPSFIbcnops", *"()[]=#+-@/\\.%", *"0123456789", "H"]
+
+
+def write_tiny_smiles_encoder(folder: str | Path):
+    """A tiny random ALBERT over SMILES (2 layers, width 32) with a fast tokenizer splitting atoms, bonds and ring
+    digits (``[CLS] … [SEP]``, ``[PAD]`` = 0, as rxnmapper's), saved as an HF folder. Seeded."""
+    import re
+
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import AlbertConfig, AlbertModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + SMILES_TOKENS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    pattern = "|".join(sorted(map(re.escape, SMILES_TOKENS), key=len, reverse=True))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    AlbertModel(AlbertConfig(vocab_size=len(vocab), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                             pad_token_id=0), add_pooling_layer=False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def write_tiny_blip(folder: str | Path, t5_folder: str | Path, instruct: bool = False) -> Path:

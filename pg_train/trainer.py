@@ -38,6 +38,7 @@ from .checkpoints import latest_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, recipe_path, training_fields
 from .conversations import default_template
 from .datasets import pad_rows
+from .inputs import flips_in_tensor
 from .losses import Objective, common_suffix_length, distill_layer_indices
 from .params import add_lora, grad_norms, merge_lora, set_trainable
 from .pipeline import EpochSampler, RecordIndex, TrainDataset, keep_items
@@ -139,7 +140,9 @@ class Run:
         else:
             vlm = build_vlm(cfg.vision, cfg.llm, insert_layer=0, vision_feature_layer=cfg.vision_feature_layer,
                             vision_pool=cfg.vision_pool, projector_type=cfg.projector, runtime=runtime, seed=cfg.seed,
-                            bypass_encoder=cfg.bypass_encoder)
+                            bypass_encoder=cfg.bypass_encoder, modality=cfg.modality, slots=cfg.slots)
+        if vlm.modality != cfg.modality:
+            raise InputError(f"--init-from {cfg.init_from} reads {vlm.modality} inputs, not --modality {cfg.modality}")
         if vlm.is_encoder_decoder:
             refused = cfg.decoder_only_options()
             if refused:
@@ -171,7 +174,16 @@ class Run:
         from pg_analysis.runs import DATA_MANIFEST
 
         data_dir = out_dir / DATA_DIR
-        if build:
+        if build and cfg.modality == "molecule":
+            from pg_analysis.modalities import get_modality, load_pairs
+
+            from .datasets import build_molecule_instructions
+
+            if cfg.extra_pairs():
+                raise InputError("--extra-train adds image-caption pairs; molecule runs take none")
+            manifest = build_molecule_instructions(data_dir, load_pairs(get_modality("molecule"), cfg.data),
+                                                   seed=cfg.seed)
+        elif build:
             from pg_analysis.data import load_pairs
 
             from .datasets import build_tuxpaint_instructions
@@ -184,7 +196,7 @@ class Run:
         f = manifest["files"]
         # the built records name images relative to the manifest's image root
         files = {1: [str(data_dir / f["train_caption"])],
-                 2: [str(data_dir / f["train_mcq"]), str(data_dir / f["train_what"])]}
+                 2: [str(data_dir / f[f"train_{task}"]) for task in cfg.stage2_tasks.split(",") if task]}
         return files, manifest
 
     def _image_paths(self) -> list[str]:
@@ -279,7 +291,8 @@ def step_inputs(run: Run, items: list[dict[str, Any]], use_text: bool, flips: li
             inputs["vision_features"] = run.store.features([r for r, _ in images], [int(f) for _, f in images])
             image_rows = torch.tensor([r for r, _ in images])
         else:
-            px = torch.stack([im.flip(-1) if flip else im for im, flip in images])
+            flippable = flips_in_tensor(run.vlm.image_processor)  # a molecule's other spelling needs the store
+            px = torch.stack([im.flip(-1) if flip and flippable else im for im, flip in images])
             inputs["pixel_values"] = px
         inputs.update(run.vlm.qformer_inputs([items[k]["instruction"] for k in image_items]))  # InstructBLIP
     out: dict[str, Any] = {"inputs": {k: v.to(device) for k, v in inputs.items()},

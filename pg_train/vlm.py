@@ -81,7 +81,13 @@ class VLM:
     def is_encoder_decoder(self) -> bool:
         return bool(getattr(self.model.config.text_config, "is_encoder_decoder", False))
 
+    @property
+    def modality(self) -> str:
+        """What the encoder reads: ``image``, or ``molecule`` (a SMILES tower, :class:`~.inputs.SmilesProcessor`)."""
+        return getattr(self.image_processor, "modality", "image")
+
     def pixel_values(self, images: list) -> torch.Tensor:
+        """The encoder's input tensor of ``images`` (images, or SMILES for a SMILES tower)."""
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def save(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -105,6 +111,9 @@ class VLM:
 
 
 ATTENTION = ("auto", "eager", "sdpa")
+
+#: what a grounded VLM can be built for (pg_analysis.modalities names more: audio is aligned, not yet trained)
+TRAINABLE_MODALITIES = ("image", "molecule")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -198,19 +207,28 @@ def _processed_size(processor: Any, default: int) -> int:
 def build_vlm(vision: str, llm: str, insert_layer: int = 0, vision_feature_layer: int = -2,
               vision_feature_select_strategy: str = "default", vision_pool: int = 1, projector_type: str = "mlp",
               grounding_mode: str = "splice", runtime: Any = None, seed: int = 0,
-              bypass_encoder: bool = True) -> VLM:
+              bypass_encoder: bool = True, modality: str = "image", slots: int = 8) -> VLM:
     """Assemble a VLM from a pretrained vision encoder and LM (registry aliases, folders or hub ids).
 
     A causal LM gives a :class:`GroundedLlavaForConditionalGeneration` (vision rows enter at ``insert_layer``); an
     encoder–decoder LM (T5, FlanT5) a :class:`GroundedVisionT5ForConditionalGeneration` (plain projector, vision
     rows bypass the encoder unless ``bypass_encoder=False``; ``insert_layer`` must stay 0). The projector is
     freshly initialised (seeded); the tokenizer gains ``<image>`` and the LM's embeddings one row.
+
+    ``modality="molecule"``: ``vision`` is a SMILES encoder (BERT-family; MolCA-style), read through a
+    :class:`~.inputs.SmilesProcessor`; each molecule gives ``slots`` rows (its atom tokens' states mean-pooled, in
+    order); ``<image>`` stays the placeholder of a molecule's rows.
     """
     from pg_analysis.models import load_causal_lm, load_pretrained, load_seq2seq_lm, load_vision, pick_runtime
     from pg_analysis.models import resolve_source
     from pg_analysis.registry import resolve_model
 
     runtime = runtime or pick_runtime("cpu", "float32")
+    if modality not in TRAINABLE_MODALITIES:
+        raise InputError(f"a VLM can be built for {' or '.join(TRAINABLE_MODALITIES)} inputs, not {modality!r}")
+    if modality == "molecule":
+        return _build_molecule_vlm(vision, llm, insert_layer, vision_feature_layer, slots, projector_type,
+                                   grounding_mode, runtime, seed)
     vis = load_vision(resolve_model(vision, "vision"), runtime)
     lm_entry = resolve_model(llm, "lm")
     source, kw = resolve_source(lm_entry)
@@ -242,16 +260,44 @@ def build_vlm(vision: str, llm: str, insert_layer: int = 0, vision_feature_layer
         insert_layer=insert_layer, vision_pool=vision_pool, projector_type=projector_type,
         grounding_mode=grounding_mode, tie_word_embeddings=bool(lm.config.tie_word_embeddings),
         vision_image_size=_processed_size(vis.processor, vis.model.config.image_size))
+    return VLM(_grounded_llava(config, vis.model, lm, seed, runtime), tokenizer, vis.processor)
+
+
+def _grounded_llava(config: GroundedLlavaConfig, tower: Any, lm: Any, seed: int, runtime: Any) -> Any:
+    """A fresh grounded model (projector seeded) holding ``tower``'s and ``lm``'s weights."""
     config.image_seq_length = config.num_image_tokens
     torch.manual_seed(seed)
     model = GroundedLlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vis.model.state_dict())
+    model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.tie_weights()
-    model.generation_config.suppress_tokens = [image_token_id]  # a generated placeholder would need an image
-    model.to(runtime.device, runtime.dtype).eval()
-    return VLM(model, tokenizer, vis.processor)
+    model.generation_config.suppress_tokens = [config.image_token_index]  # a generated placeholder needs an input
+    return model.to(runtime.device, runtime.dtype).eval()
+
+
+def _build_molecule_vlm(encoder: str, llm: str, insert_layer: int, feature_layer: int, slots: int,
+                        projector_type: str, grounding_mode: str, runtime: Any, seed: int) -> VLM:
+    from pg_analysis.models import load_causal_lm, load_molecule_encoder
+    from pg_analysis.registry import resolve_model
+
+    from .inputs import SmilesProcessor
+
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise InputError(f"a molecule's rows (slots) must be an integer >= 1, got {slots!r}")
+    enc = load_molecule_encoder(resolve_model(encoder, "molecule"), runtime)
+    lm, tokenizer = load_causal_lm(resolve_model(llm, "lm"), runtime)
+    image_token_id = add_image_token(tokenizer)
+    if len(tokenizer) > lm.config.vocab_size:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = GroundedLlavaConfig(
+        vision_config=enc.model.config, text_config=lm.config, image_token_index=image_token_id,
+        vision_feature_layer=feature_layer, insert_layer=insert_layer, vision_slots=slots,
+        projector_type=projector_type, grounding_mode=grounding_mode,
+        tie_word_embeddings=bool(lm.config.tie_word_embeddings))
+    # ids padded to a fixed length the tower's positions cover (a longer SMILES is refused, never cut)
+    processor = SmilesProcessor(enc.tokenizer, min(128, enc.model.config.max_position_embeddings))
+    return VLM(_grounded_llava(config, enc.model, lm, seed, runtime), tokenizer, processor)
 
 
 _LLAVA_FIELDS = ("image_token_index", "image_seq_length", "projector_hidden_act", "vision_feature_select_strategy",
@@ -318,7 +364,13 @@ def load_vlm(source: str | Path, insert_layer: int | None = None, runtime: Any =
     tokenizer = load_pretrained(AutoTokenizer, entry, path, kw)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    image_processor = load_pretrained(AutoImageProcessor, entry, path, kw)
+    if getattr(config, "vision_slots", 0):  # a SMILES tower: its tokenizer travels in a sub-folder
+        from .inputs import SmilesProcessor
+
+        image_processor = SmilesProcessor.from_pretrained(
+            lambda sub: load_pretrained(AutoTokenizer, entry, path, {**kw, "subfolder": sub}))
+    else:
+        image_processor = load_pretrained(AutoImageProcessor, entry, path, kw)
     qformer_tokenizer = None
     if config.model_type in ("instructblip", GroundedInstructBlipConfig.model_type):
         qformer_tokenizer = load_pretrained(AutoTokenizer, entry, path, {**kw, "subfolder": QFORMER_TOKENIZER})

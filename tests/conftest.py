@@ -58,6 +58,29 @@ def tiny_pairs(tmp_path_factory) -> Path:
     return root / "pairs.jsonl"
 
 
+#: (SMILES, name, class folder): 16 real molecules in 4 classes, for the molecule modality's tiny runs
+TINY_MOLECULES = [
+    ("CCO", "ethanol", "alcohols"), ("CCCO", "propan-1-ol", "alcohols"), ("CC(C)O", "propan-2-ol", "alcohols"),
+    ("OCCO", "ethane-1,2-diol", "alcohols"), ("CC(=O)O", "acetic acid", "carboxylic_acids"),
+    ("CCC(=O)O", "propanoic acid", "carboxylic_acids"), ("OC(=O)C(=O)O", "oxalic acid", "carboxylic_acids"),
+    ("CCCC(=O)O", "butanoic acid", "carboxylic_acids"), ("c1ccccc1", "benzene", "aromatics"),
+    ("Cc1ccccc1", "toluene", "aromatics"), ("Clc1ccccc1", "chlorobenzene", "aromatics"),
+    ("c1ccc2ccccc2c1", "naphthalene", "aromatics"), ("CCN", "ethanamine", "amines"), ("CN", "methanamine", "amines"),
+    ("CCCN", "propan-1-amine", "amines"), ("CNC", "N-methylmethanamine", "amines")]
+
+
+@pytest.fixture(scope="session")
+def tiny_molecule_pairs(tmp_path_factory) -> Path:
+    """A .jsonl of :data:`TINY_MOLECULES` as molecule pairs (captions "name, class phrase")."""
+    from pg_analysis.molecules import caption_of
+
+    rows = [{"id": f"{c}/{n}", "smiles": s, "caption": caption_of(n, c), "name": n, "category": c}
+            for s, n, c in TINY_MOLECULES]
+    path = tmp_path_factory.mktemp("molecules") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tiny_models, tmp_path_factory) -> Path:
     """A saved tiny grounded VLM (DINOv2 8 px, 2×2 pooling → 4 vision tokens; 3-layer LLaMA), L = 0."""

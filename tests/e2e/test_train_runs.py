@@ -409,3 +409,52 @@ def test_encoder_decoder_models_take_the_llava15_recipe(kind, tiny_models, tmp_p
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"]["lm"] > 0 for r in records if r["stage"] == 2)
     assert all(r["loss"] > 0 for r in records)
+
+
+def test_a_molecule_run_trains_saves_and_evaluates(tiny_models, tiny_molecule_pairs, tmp_path, capsys):
+    """MolCA-style: a frozen SMILES encoder's slots enter the LM at L, LoRA on the LM; class MCQ and name ranking
+    on held-out molecules, with both controls."""
+    from pg_train.cli import eval_cli
+    from pg_train.vlm import load_vlm
+
+    out = tmp_path / "mol"
+    summary = train(_cfg(tiny_models, tiny_molecule_pairs, out, modality="molecule", vision=str(tiny_models["smiles"]),
+                         slots=3, lora=True, system_prompt="Answer about the molecule."))
+    assert summary["num_image_tokens"] == 3 and summary["insert_layer"] == 1
+    vlm = load_vlm(out / "model")
+    assert vlm.modality == "molecule" and vlm.model.config.vision_slots == 3
+    data = json.loads((out / "data" / "manifest.json").read_text())
+    assert data["modality"] == "molecule" and data["counts"]["test_images"] == 4
+    assert eval_cli([str(out), "--quiet", "--no-generate", "--precision", "fp32", "--bench-repeats", "1",
+                     "--modality", "molecule"]) == 0
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    assert result["modality"] == "molecule"
+    for control in ("image", "no_image", "shuffled"):
+        assert result["mcq"][control]["n"] == 16 and result["rank4"][control]["n"] == 4
+    assert result["rank_all"]["image"]["candidates"] == 4
+    capsys.readouterr()
+    assert eval_cli([str(out), "--quiet", "--no-rank-all", "--no-generate", "--bench-repeats", "0",
+                     "--modality", "image", "--out", str(tmp_path / "wrong")]) == 2
+    assert "reads molecule inputs" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+
+
+def test_molecule_runs_refuse_bad_input_in_one_line(tiny_models, tiny_molecule_pairs, tmp_path, capsys):
+    from pg_train.cli import train_cli
+
+    common = ["--llm", str(tiny_models["llama"]), "--stage2-steps", "1", "--stage0-steps", "0", "--quiet",
+              "--batch-size", "4"]
+    bad_pairs = tmp_path / "bad.jsonl"
+    bad_pairs.write_text(tiny_molecule_pairs.read_text().replace('"CCO"', '"C1CC("'))
+    cases = [(["--modality", "molecule", "--vision", str(tiny_models["smiles"]), "--data", str(bad_pairs)],
+              "unparsable SMILES"),
+             (["--modality", "molecule", "--vision", str(tiny_models["dinov2"]), "--data", str(tiny_molecule_pairs)],
+              "not a SMILES encoder"),
+             (["--modality", "audio", "--vision", str(tiny_models["smiles"])], "modality must be one of"),
+             (["--modality", "molecule", "--vision", str(tiny_models["smiles"]), "--data", "tuxpaint"],
+              "holds image inputs")]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"bad{i}"
+        assert train_cli([*args, *common, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

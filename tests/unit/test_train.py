@@ -192,6 +192,10 @@ def test_recipes_are_files_the_flags_override(tmp_path):
     assert llava.template == "vicuna_v1" and llava.system_prompt is None and llava.store is None
     assert not llava.uses_warmup_features and not llava.uses_twins
     assert resolve_config({"recipe": "llava15", "stage2_data": "m.json", "batch_size": 64}).batch_size == 64
+    molca = resolve_config({"recipe": "molca"})
+    assert (molca.modality, molca.vision, molca.data, molca.slots) == ("molecule", "smiles-albert", "molecules", 8)
+    assert molca.extra_pairs() is None and molca.uses_warmup_features
+    assert TrainConfig(data="molecules", modality="molecule").extra_pairs() is None
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"options": {"stage2_steps": 7, "lora": True}}))
     assert resolve_config({"recipe": str(mine)}).stage2_steps == 7
