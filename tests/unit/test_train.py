@@ -257,3 +257,20 @@ def test_the_shipped_launch_configs_load_in_accelerate(name, kind):
         assert config.fsdp_config["fsdp_use_orig_params"] is True
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_stage2_tasks_and_checkpoints_from_before_an_option_existed(tmp_path):
+    from pg_train.checkpoints import STATE, read_checkpoint
+    from pg_train.config import training_fields
+
+    with pytest.raises(InputError, match="stage2_tasks"):
+        TrainConfig(stage2_tasks="mcq,captions")
+    with pytest.raises(InputError, match="stage2_tasks"):
+        TrainConfig(stage2_tasks="")
+    old = training_fields(TrainConfig())
+    for newer in ("stage2_tasks", "modality", "slots"):  # a checkpoint written before these options existed
+        old.pop(newer)
+    (tmp_path / STATE).write_text(json.dumps({"config": old, "world_size": 1}))
+    assert read_checkpoint(tmp_path, TrainConfig(), 1)["config"] == old
+    with pytest.raises(InputError, match="options differ \\(stage2_tasks\\)"):
+        read_checkpoint(tmp_path, TrainConfig(stage2_tasks="mcq"), 1)
