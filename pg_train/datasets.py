@@ -159,14 +159,20 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
             if len(pool) < 3:
                 continue
             records["mcq"] += [mcq_record(base, pool, k, rng) for k in range(len(LETTERS))]
-        for task, recs in records.items():
-            name = f"{split}_{task}.json"
-            atomic_write_json(out_dir / name, recs)
-            manifest["files"][f"{split}_{task}"] = name
-            manifest["counts"][f"{split}_{task}"] = len(recs)
-        manifest["counts"][f"{split}_images"] = len(ids)
+        _write_split(out_dir, split, records, len(ids), manifest)
     atomic_write_json(out_dir / DATA_MANIFEST, manifest)
     return manifest
+
+
+def _write_split(out_dir: Path, split: str, records: dict[str, list[dict[str, Any]]], n_inputs: int,
+                 manifest: dict[str, Any]) -> None:
+    """``{split}_{task}.json`` per task, named and counted in ``manifest``."""
+    for task, recs in records.items():
+        name = f"{split}_{task}.json"
+        atomic_write_json(out_dir / name, recs)
+        manifest["files"][f"{split}_{task}"] = name
+        manifest["counts"][f"{split}_{task}"] = len(recs)
+    manifest["counts"][f"{split}_images"] = n_inputs
 
 
 MOLECULE_MCQ_QUESTION = "Which class of compounds is this molecule?"
@@ -246,12 +252,7 @@ def build_molecule_instructions(out_dir: str | Path, pairs: Any, seed: int = 0, 
             weights = p / p.sum()
             records["mcq"] += [mcq_record({**base, "caption": cls}, pool, k, rng, MOLECULE_MCQ_QUESTION, weights)
                                for k in range(len(LETTERS))]
-        for task, recs in records.items():
-            name = f"{split}_{task}.json"
-            atomic_write_json(out_dir / name, recs)
-            manifest["files"][f"{split}_{task}"] = name
-            manifest["counts"][f"{split}_{task}"] = len(recs)
-        manifest["counts"][f"{split}_images"] = len(ids)
+        _write_split(out_dir, split, records, len(ids), manifest)
     atomic_write_json(out_dir / DATA_MANIFEST, manifest)
     return manifest
 
