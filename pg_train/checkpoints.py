@@ -48,15 +48,26 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def read_checkpoint(path: Path, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """``state.json`` of ``path``, checked against this run: the same training options and number of processes."""
+def read_checkpoint(path: Path, cfg: TrainConfig, world_size: int, precision: str | None = None) -> dict[str, Any]:
+    """``state.json`` of ``path``, checked against this run: the same training options and number of processes.
+
+    ``precision``: this run's resolved precision (bf16 / fp32). A checkpoint that records the one it was trained in
+    is checked against it, not against the ``--precision`` option, so ``auto`` and the precision it stood for resume
+    each other, and ``auto`` on a device that resolves it otherwise is refused."""
     try:
         state = json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"checkpoint {path} is unreadable ({e})") from None
-    saved, now = state.get("config", {}), training_fields(cfg)
+    saved, now = dict(state.get("config", {})), training_fields(cfg)
     # an option that did not exist when the checkpoint was written was, in effect, at its default
     default = training_fields(TrainConfig())
+    trained_in = state.get("precision")
+    if trained_in is not None and precision is not None:
+        saved.pop("precision", None)
+        now.pop("precision", None)
+        if trained_in != precision:
+            raise InputError(f"checkpoint {path} was trained in {trained_in}; this run would train in {precision} "
+                             f"(--precision {cfg.precision} on this device): resume with --precision {trained_in}")
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k, default.get(k)) != now.get(k))
     if diff:
         raise InputError(f"checkpoint {path} is incompatible with this run: options differ ({', '.join(diff)})")

@@ -40,6 +40,8 @@ RECIPES_DIR = Path(__file__).with_name("recipes")
 RESUME_FREE = ("out_dir", "resume", "checkpoint_every", "stop_after", "progress", "cache_dir", "num_workers",
                "report_to")
 REPORT_TO = ("tensorboard", "wandb", "none")
+#: transformers' schedules that need only the warm-up and total steps
+LR_SCHEDULERS = ("cosine", "linear", "polynomial", "constant_with_warmup")
 
 
 @dataclass
@@ -149,7 +151,10 @@ class TrainConfig:
                                  "(default: %(default)s)")
     grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation) (default: %(default)s)")
     warmup_frac: float = option(0.03, "fraction of each stage's steps with linear warm-up (from lr 0, as "
-                                      "transformers) before the cosine decay (default: %(default)s)")
+                                      "transformers) before --lr-scheduler's decay (default: %(default)s)")
+    lr_scheduler: str = option("cosine", "each stage's learning-rate schedule after the warm-up (transformers' "
+                                         "get_scheduler): cosine, linear, polynomial or constant_with_warmup "
+                                         "(default: %(default)s)")
     weight_decay: float = option(0.0, "AdamW weight decay (default: %(default)s)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables (default: %(default)s)")
     precision: str = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the device runs it fast (CUDA with "
@@ -206,6 +211,8 @@ class TrainConfig:
             raise InputError(f"on_bad_record must be fail or skip, got {self.on_bad_record!r}")
         if self.report_to not in REPORT_TO:
             raise InputError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise InputError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if not 0 <= self.text_first_frac <= 1 or not 0 <= self.warmup_frac < 1:
             raise InputError("text_first_frac must be in [0, 1] and warmup_frac in [0, 1)")
         if self.tau <= 0 or self.aux_weight < 0:

@@ -110,6 +110,15 @@ def split_ids(ids: list[str], seed: int, val_frac: float, test_frac: float) -> d
             "train": sorted(pick[n_test + n_val:])}
 
 
+def manifest_image_root(manifest: dict[str, Any], data_dir: str | Path) -> str | None:
+    """The folder a built data folder's records name their inputs relative to: the manifest's ``image_root``, a
+    relative one read against the data folder itself (the molecule builder's ``.smi`` files live there)."""
+    root = manifest.get("image_root")
+    if root is None:
+        return None
+    return str(Path(root) if Path(root).is_absolute() else Path(data_dir) / root)
+
+
 def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: float = 0.05, test_frac: float = 0.23,
                                 pairs: Any = None, extra_train: Any = None) -> dict[str, Any]:
     """Write the offline instruction data (LLaVA JSON) from image–caption pairs (default: the Tux Paint stamps;
@@ -122,7 +131,8 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
     ``extra_train``: more pairs (e.g. ``tuxpaint-cartoon``) added to the training split only; the split of ``pairs``
     is unchanged, and an extra pair whose caption (case-insensitive) is a val or test caption, or whose id is
     already taken, is left out (counted in ``manifest["extra_train"]``).
-    Image paths are relative to ``manifest["image_root"]``. Returns the manifest, also written to ``manifest.json``.
+    Image paths are relative to ``manifest["image_root"]`` (absolute). Returns the manifest, also written to
+    ``manifest.json``.
     """
     from pg_analysis.data import load_tuxpaint
 
@@ -136,7 +146,7 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
         extra_info = {"offered": len(extra_train), "added": len(added), "left_out": len(extra_train) - len(added)}
         rows.update({r["id"]: r for r in added})
         splits["train"] = sorted(splits["train"] + [r["id"] for r in added])
-    image_root = Path(os.path.commonpath([str(Path(r["image"]).parent) for r in rows.values()]))
+    image_root = Path(os.path.commonpath([str(Path(r["image"]).resolve().parent) for r in rows.values()]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"image_root": str(image_root), "seed": seed, "val_frac": val_frac,
@@ -149,7 +159,7 @@ def build_tuxpaint_instructions(out_dir: str | Path, seed: int = 0, val_frac: fl
         records: dict[str, list[dict[str, Any]]] = {"caption": [], "mcq": [], "what": []}
         for img_id in ids:
             cap = caption_of[img_id]
-            image = str(Path(rows[img_id]["image"]).relative_to(image_root))
+            image = str(Path(rows[img_id]["image"]).resolve().relative_to(image_root))
             base = {"image": image, "caption": cap, "image_id": img_id}
             records["caption"].append({**base, "id": f"{img_id}#caption", "task": "caption",
                                        "conversations": [_human(IMAGE_TOKEN), _gpt(cap)]})
@@ -220,7 +230,8 @@ def build_molecule_instructions(out_dir: str | Path, pairs: Any, seed: int = 0, 
         if not (root / name).is_file() or (root / name).read_bytes() != text:  # unchanged: cached features hold
             atomic_write_bytes(root / name, text)
     splits = split_ids(list(rows), seed, val_frac, test_frac)
-    manifest: dict[str, Any] = {"image_root": str(root), "modality": "molecule", "seed": seed,
+    # the .smi files live in the data folder: their root is named relative to it, so a run folder can be moved
+    manifest: dict[str, Any] = {"image_root": MOLECULES_DIR, "modality": "molecule", "seed": seed,
                                 "val_frac": val_frac, "test_frac": test_frac, "files": {}, "counts": {}}
     for s_i, (split, ids) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, s_i])

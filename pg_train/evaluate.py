@@ -39,8 +39,8 @@ from pg_analysis.errors import InputError
 from pg_analysis.runs import DATA_DIR, DATA_MANIFEST, TRAIN_SUMMARY, model_folder, read_json, read_run_record
 
 from .conversations import image_instruction, letter_token_ids
-from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, pad_rows, text_first,
-                       tokenize_records, without_image)
+from .datasets import (LETTERS, Example, collate, image_features, load_llava_json, manifest_image_root,
+                       pad_rows, text_first, tokenize_records, without_image)
 from .grounding import CACHE_FIELD, GroundedCache
 from .vlm import PRECISIONS, VLM, precision_context, resolve_precision, use_attention
 from .warmup import CaptionStates, caption_targets, image_prefix
@@ -436,7 +436,7 @@ def split_records(data: Path, split: str, tasks: tuple[str, ...]) -> dict[str, l
     needed = [f"{split}_{task}" for task in tasks]
     if not isinstance(manifest["files"], dict) or set(needed) - set(manifest["files"]):
         raise InputError(f"the instruction data manifest {data / DATA_MANIFEST} names no {' / '.join(needed)} files")
-    root = manifest.get("image_root")
+    root = manifest_image_root(manifest, data)
     return {task: load_llava_json(data / manifest["files"][f"{split}_{task}"], root) for task in tasks}
 
 

@@ -173,6 +173,8 @@ class Run:
                            "image_root": cfg.image_root}
         from pg_analysis.runs import DATA_MANIFEST
 
+        from .datasets import manifest_image_root
+
         data_dir = out_dir / DATA_DIR
         if build and cfg.modality == "molecule":
             from pg_analysis.modalities import get_modality, load_pairs
@@ -193,8 +195,9 @@ class Run:
                                                    extra_train=load_pairs(extra) if extra else None)
         else:
             manifest = json.loads((data_dir / DATA_MANIFEST).read_text())
+        # the built records name inputs relative to the manifest's image root
+        manifest = {**manifest, "image_root": manifest_image_root(manifest, data_dir)}
         f = manifest["files"]
-        # the built records name images relative to the manifest's image root
         files = {1: [str(data_dir / f["train_caption"])],
                  2: [str(data_dir / f[f"train_{task}"]) for task in cfg.stage2_tasks.split(",") if task]}
         return files, manifest
@@ -350,7 +353,12 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
         raise InputError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     if not cfg.resume and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"output folder {out_dir} is not empty; pass --resume to continue it or choose another")
-    state = read_checkpoint(ckpt, cfg, accelerator.num_processes) if ckpt is not None else None
+    precision = resolve_precision(cfg.precision, accelerator.device)
+    if accelerator.num_processes > 1:  # every process autocasts alike: rank 0's choice ("auto" is timed per process)
+        from accelerate.utils import broadcast_object_list
+
+        precision = broadcast_object_list([precision])[0]
+    state = read_checkpoint(ckpt, cfg, accelerator.num_processes, precision) if ckpt is not None else None
     for stage in (1, 2):
         micro = cfg.micro_batch(stage)
         if micro % accelerator.num_processes:
@@ -362,7 +370,7 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
     created = not out_dir.exists()
     accelerator.wait_for_everyone()  # every process has looked before the main one creates anything
     try:
-        return _train(cfg, accelerator, layer_evidence, out_dir, ckpt, state, t_call)
+        return _train(cfg, accelerator, layer_evidence, out_dir, ckpt, state, precision, t_call)
     except BaseException:
         # A fresh run that fails or is interrupted before its first checkpoint has nothing to resume from: leave
         # nothing behind, so the same command can simply be run again.
@@ -372,8 +380,8 @@ def train(cfg: TrainConfig, layer_evidence: dict[str, Any] | None = None) -> dic
 
 
 def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | None, out_dir: Path,
-           ckpt: Path | None, state: dict[str, Any] | None, t_call: float) -> dict[str, Any]:
-    from transformers import get_cosine_schedule_with_warmup
+           ckpt: Path | None, state: dict[str, Any] | None, precision: str, t_call: float) -> dict[str, Any]:
+    from transformers import get_scheduler
 
     from pg_analysis.plots import loss_curve_figure
 
@@ -388,11 +396,6 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
     vlm, device = run.vlm, accelerator.device
     model = vlm.model
     attention = use_attention(model, cfg.attention)
-    precision = resolve_precision(cfg.precision, device)
-    if accelerator.num_processes > 1:  # every process autocasts alike: rank 0's choice ("auto" is timed per process)
-        from accelerate.utils import broadcast_object_list
-
-        precision = broadcast_object_list([precision])[0]
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()  # transformers renamed gradient_checkpointing_enable (5.24)
     steps = run.steps
@@ -428,7 +431,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
     before = float(state.get("run_seconds", 0.0)) if state is not None else 0.0  # earlier processes of this run
 
     def extra() -> dict[str, Any]:
-        return {"config": training_fields(cfg), "scale": scale,
+        return {"config": training_fields(cfg), "precision": precision, "scale": scale,
                 "run_seconds": before + time.perf_counter() - t_run}
 
     stopped, to_first_step = False, None
@@ -443,7 +446,8 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                2: {"projector": cfg.stage2_projector_lr, "lm": cfg.stage2_lr}}[stage]
         param_groups = [{"params": groups[k], "lr": lr, "name": k} for k, lr in lrs.items() if groups[k]]
         optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * steps[stage]), steps[stage])
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_frac * steps[stage]),
+                                  num_training_steps=steps[stage])
         # inside the window [L, K) only: there every row is present (layers >= K run on the text rows alone)
         picks = (distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers)
                  if stage == 2 and cfg.distill_weight else [])

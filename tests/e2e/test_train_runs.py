@@ -1,13 +1,14 @@
 """pg-train and pg-eval runs on tiny models: outputs, resume, bad input, LoRA, distillation, evaluation."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from pg_analysis.errors import InputError
-from pg_train.datasets import load_llava_json
+from pg_train.datasets import load_llava_json, manifest_image_root
 from pg_train.trainer import TrainConfig, latest_checkpoint, train
 
 
@@ -86,7 +87,8 @@ def _evaluator(out: Path):
 
     pm = load_prompt_model(out)
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"], manifest["image_root"])
+    records = {t: load_llava_json(out / "data" / manifest["files"][f"test_{t}"],
+                                  manifest_image_root(manifest, out / "data"))
                for t in ("mcq", "what")}
     ev = Evaluator(pm.vlm, pm.template, pm.system, records, EvalConfig(str(out), precision="fp32", progress=False),
                    out.parent / "features")
@@ -417,10 +419,14 @@ def test_a_molecule_run_trains_saves_and_evaluates(tiny_models, tiny_molecule_pa
     from pg_train.cli import eval_cli
     from pg_train.vlm import load_vlm
 
-    out = tmp_path / "mol"
-    summary = train(_cfg(tiny_models, tiny_molecule_pairs, out, modality="molecule", vision=str(tiny_models["smiles"]),
-                         slots=3, lora=True, system_prompt="Answer about the molecule."))
+    trained, out = tmp_path / "trained", tmp_path / "mol"
+    summary = train(_cfg(tiny_models, tiny_molecule_pairs, trained, modality="molecule",
+                         vision=str(tiny_models["smiles"]), slots=3, lora=True, stage2_lr=3e-4,
+                         lr_scheduler="constant_with_warmup", system_prompt="Answer about the molecule."))
     assert summary["num_image_tokens"] == 3 and summary["insert_layer"] == 1
+    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"]["lm"] for r in log if r["stage"] == 2] == [3e-4] * 4  # the recipe molca's schedule
+    shutil.move(trained, out)  # a run folder evaluates wherever it lies: its .smi inputs are named in data/
     vlm = load_vlm(out / "model")
     assert vlm.modality == "molecule" and vlm.model.config.vision_slots == 3
     data = json.loads((out / "data" / "manifest.json").read_text())

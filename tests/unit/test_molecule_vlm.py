@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pg_analysis.errors import InputError
-from pg_train.datasets import build_molecule_instructions, load_llava_json, text_first
+from pg_train.datasets import build_molecule_instructions, load_llava_json, manifest_image_root, text_first
 from pg_train.grounding import GroundingError
 from pg_train.inputs import SmilesProcessor, augmented_input, open_input
 from pg_train.modeling_grounded_llava import pool_token_slots, token_tower_inputs
@@ -123,7 +123,9 @@ def test_molecule_instructions_split_by_molecule_with_class_questions(tiny_molec
     pairs = load_molecule_pairs(tiny_molecule_pairs)
     manifest = build_molecule_instructions(tmp_path, pairs, seed=0, val_frac=0.0, test_frac=0.25)
     assert manifest["modality"] == "molecule"
-    recs = {s: {t: load_llava_json(tmp_path / manifest["files"][f"{s}_{t}"], manifest["image_root"])
+    assert manifest["image_root"] == "molecules"  # inside the data folder, named relative to it
+    root = manifest_image_root(manifest, tmp_path)
+    recs = {s: {t: load_llava_json(tmp_path / manifest["files"][f"{s}_{t}"], root)
                 for t in ("caption", "mcq", "what")} for s in ("train", "test")}
     train_ids = {r["image_id"] for r in recs["train"]["caption"]}
     test_ids = {r["image_id"] for r in recs["test"]["caption"]}

@@ -1,6 +1,7 @@
 """Instruction data builder, batches and schedules, parameter policy per stage, losses and scale matching (tiny)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,19 @@ def test_builder_is_deterministic_and_splits_by_image(pairs, tmp_path):
     assert sorted(r["answer"] for r in mcq) == sorted("ABCD" * len(images["test"]))
     c = build_tuxpaint_instructions(tmp_path / "c", seed=4, pairs=pairs)
     assert (tmp_path / "c" / c["files"]["test_mcq"]).read_text() != (tmp_path / "a" / a["files"]["test_mcq"]).read_text()
+
+
+def test_pairs_with_relative_image_paths_build_data_readable_from_anywhere(pairs, tmp_path, monkeypatch):
+    from pg_train.datasets import manifest_image_root
+
+    monkeypatch.chdir(Path(pairs[0]["image"]).parent)  # the pairs' images named relative to the working folder
+    relative = [{**r, "image": str(Path(r["image"]).relative_to(Path.cwd()))} for r in pairs]
+    m = build_tuxpaint_instructions(tmp_path / "data", seed=3, pairs=relative)
+    assert Path(m["image_root"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    records = load_llava_json(tmp_path / "data" / m["files"]["train_caption"],
+                              manifest_image_root(m, tmp_path / "data"))
+    assert all(Path(r["image_path"]).is_file() for r in records)
 
 
 def test_extra_train_pairs_join_only_the_training_split(pairs, tmp_path):
@@ -267,6 +281,8 @@ def test_stage2_tasks_and_checkpoints_from_before_an_option_existed(tmp_path):
         TrainConfig(stage2_tasks="mcq,captions")
     with pytest.raises(InputError, match="stage2_tasks"):
         TrainConfig(stage2_tasks="")
+    with pytest.raises(InputError, match="lr_scheduler must be one of cosine"):
+        TrainConfig(lr_scheduler="reduce_lr_on_plateau")
     old = training_fields(TrainConfig())
     for newer in ("stage2_tasks", "modality", "slots"):  # a checkpoint written before these options existed
         old.pop(newer)
@@ -274,3 +290,24 @@ def test_stage2_tasks_and_checkpoints_from_before_an_option_existed(tmp_path):
     assert read_checkpoint(tmp_path, TrainConfig(), 1)["config"] == old
     with pytest.raises(InputError, match="options differ \\(stage2_tasks\\)"):
         read_checkpoint(tmp_path, TrainConfig(stage2_tasks="mcq"), 1)
+
+
+def test_a_checkpoint_resumes_in_the_precision_it_was_trained_in(tmp_path):
+    from pg_train.checkpoints import STATE, read_checkpoint
+    from pg_train.config import training_fields
+
+    # written by `--precision auto` on a device that resolved it to fp32
+    (tmp_path / STATE).write_text(json.dumps({"config": training_fields(TrainConfig(precision="auto")),
+                                              "precision": "fp32", "world_size": 1}))
+    for option in ("auto", "fp32"):  # the same numeric path, however asked for
+        assert read_checkpoint(tmp_path, TrainConfig(precision=option), 1, "fp32")["precision"] == "fp32"
+    with pytest.raises(InputError, match="trained in fp32; this run would train in bf16.*--precision fp32"):
+        read_checkpoint(tmp_path, TrainConfig(precision="auto"), 1, "bf16")  # auto, on a device that runs bf16
+    with pytest.raises(InputError, match="trained in fp32"):
+        read_checkpoint(tmp_path, TrainConfig(precision="bf16"), 1, "bf16")
+    # a checkpoint that does not record its precision compares the option
+    (tmp_path / STATE).write_text(json.dumps({"config": training_fields(TrainConfig(precision="auto")),
+                                              "world_size": 1}))
+    assert read_checkpoint(tmp_path, TrainConfig(precision="auto"), 1, "fp32")
+    with pytest.raises(InputError, match="options differ \\(precision\\)"):
+        read_checkpoint(tmp_path, TrainConfig(precision="fp32"), 1, "fp32")
