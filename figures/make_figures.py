@@ -49,8 +49,10 @@ def sweep_points(sweep: Path) -> tuple[list[dict[str, Any]], str]:
     if result is None:
         return [], ""
     shape = result["shape"]
+    counts = sorted({x["runs"] for x in result["table"]})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     points = [{"layer": r["layer"], "saving": r["saving"], "accuracy": r["accuracy"], "ci95": r["interval"],
-               "metric": f"MCQ accuracy (mean of {max(x['runs'] for x in result['table'])} seeds)"}
+               "metric": f"MCQ accuracy (mean of {seeds} seed{'s' if counts[-1] > 1 else ''} per L)"}
               for r in result["table"]]
     return points, f"predicted prefill saving at {shape['text']} text + {shape['vision']} vision rows (%)"
 

@@ -224,7 +224,10 @@ def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list
     ``risks``: proxy → {layer: risk} (NaN: not measured there); ``correct``: layer → per-run 0/1 question vectors
     (layer 0 among them). For each proxy: Spearman's ρ over the layers both cover (L = 0 left out: its drop is 0 by
     definition), with a bootstrap interval over seeds and questions (:func:`bootstrap_accuracy`); it *predicts*
-    when the interval's lower end is above 0. Also the per-layer accuracy table with its intervals."""
+    when the interval's lower end is above 0 and every layer it is measured on (L = 0 included) has at least two
+    runs: with one run at a layer the interval resamples its questions only and leaves out the seed spread, which on
+    the offline pair is larger than the questions' (≈ 0.08 against ≈ 0.025), so it cannot certify a proxy; its ρ and
+    that interval are still reported. Also the per-layer accuracy table with its intervals."""
     if 0 not in correct:
         raise InputError("the sweep has no L = 0 runs: the accuracy drop is measured against them")
     boot = bootstrap_accuracy(correct, n_boot, seed)
@@ -246,8 +249,13 @@ def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list
                          for b in range(n_boot)])
         reps = reps[np.isfinite(reps)]
         lo, hi = (float(np.quantile(reps, tail)), float(np.quantile(reps, 1 - tail))) if len(reps) else (None, None)
-        proxies[name] = {"layers": layers, "rho": rho, "interval": [lo, hi],
-                         "predicts": bool(lo is not None and lo > 0)}
+        single = [layer for layer in [0, *layers] if len(correct[layer]) < 2]
+        verdict = {"layers": layers, "rho": rho, "interval": [lo, hi],
+                   "predicts": bool(lo is not None and lo > 0 and not single)}
+        if single:
+            verdict["why"] = (f"one run at L = {', '.join(map(str, single))}: the interval resamples questions only, "
+                              "not seeds")
+        proxies[name] = verdict
     return {"proxies": proxies, "table": table, "n_boot": n_boot, "level": level}
 
 

@@ -370,7 +370,7 @@ def _recommend_main(args: argparse.Namespace) -> int:
         for name, p in v["proxies"].items():
             rho = "-" if p["rho"] is None else f"{p['rho']:.2f} [{p['interval'][0]:.2f}, {p['interval'][1]:.2f}]"
             print(f"  {name:>17}: Spearman with the sweep's accuracy drop {rho}"
-                  f"{'  predicts' if p['predicts'] else ''}")
+                  f"{'  predicts' if p['predicts'] else ''}{'  (' + p['why'] + ')' if p.get('why') else ''}")
         if not v["predicting"]:
             print("no proxy predicts the sweep's accuracy drop: the rule falls back on --risks, unvalidated")
         f = v["frontier"]

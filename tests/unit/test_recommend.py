@@ -126,3 +126,9 @@ def test_validate_proxies_finds_a_predicting_risk_and_rejects_noise():
     assert frontier_check(6, saving, v["table"])["trained"] is False
     with pytest.raises(InputError, match="no L = 0"):
         validate_proxies(risks, {4: correct[4]})
+    # one run at a layer: the interval leaves the seed spread out, so it reports ρ but cannot certify the proxy
+    one = {**correct, 12: correct[12][:1]}
+    v1 = validate_proxies(risks, one, n_boot=500)
+    assert not v1["proxies"]["good"]["predicts"] and v1["proxies"]["good"]["rho"] > 0.8
+    assert v1["proxies"]["good"]["interval"][0] > 0 and "one run at L = 12" in v1["proxies"]["good"]["why"]
+    assert "why" not in v["proxies"]["good"]
