@@ -13,7 +13,17 @@ import argparse
 import dataclasses
 from typing import Any, Callable
 
-_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "int | None": int, "float | None": float}
+
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type for an optional number: ``none`` gives None (a preset's value switched off)."""
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else kind(value)
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "int | None": _or_none(int),
+                                           "float | None": _or_none(float)}
 
 
 def option(default: Any, help: str) -> Any:

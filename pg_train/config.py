@@ -136,6 +136,13 @@ class TrainConfig:
     text_first_steps: int = option(60, "first stage-2 steps that give the caption as text instead of the image "
                                        "(default: %(default)s)")
     text_first_frac: float = option(0.3, "fraction of later stage-2 steps that do so (default: %(default)s)")
+    text_first_until: float | None = option(None, "after the first --text-first-steps, keep every step text-only "
+                                                  "until the mean loss of the last 5 text steps falls below this "
+                                                  "(the answer format is learnt in one sudden drop whose step "
+                                                  "varies with the seed: docs/recipe.md); none: the fixed count "
+                                                  "only (default: %(default)s)")
+    text_first_max_steps: int = option(120, "the stage-2 step after which --text-first-until stops waiting "
+                                            "(default: %(default)s)")
     aux_weight: float = option(0.1, "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: "
                                     "%(default)s)")
     distill_weight: float = option(1.0, "weight of the text-twin distillation term in stage 2: image examples' LM "
@@ -213,6 +220,11 @@ class TrainConfig:
             raise InputError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise InputError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.text_first_until is not None and not self.text_first_until > 0:
+            raise InputError(f"text_first_until must be > 0 (or none), got {self.text_first_until}")
+        if self.text_first_until is not None and self.text_first_max_steps < self.text_first_steps:
+            raise InputError(f"text_first_max_steps ({self.text_first_max_steps}) is below text_first_steps "
+                             f"({self.text_first_steps}): --text-first-until would never extend the text-first steps")
         if not 0 <= self.text_first_frac <= 1 or not 0 <= self.warmup_frac < 1:
             raise InputError("text_first_frac must be in [0, 1] and warmup_frac in [0, 1)")
         if self.tau <= 0 or self.aux_weight < 0:
@@ -249,7 +261,7 @@ class TrainConfig:
     @property
     def uses_twins(self) -> bool:
         """Whether stage 2 needs each record's text twin (caption as text in place of the image)."""
-        return bool(self.text_first_steps or self.text_first_frac or self.distill_weight)
+        return bool(self.text_first_steps or self.text_first_frac or self.text_first_until or self.distill_weight)
 
     @property
     def store(self) -> str | None:
@@ -261,7 +273,8 @@ class TrainConfig:
         given = {"--layer": self.layer, "--exit-layer": self.exit_layer is not None,
                  "--stage0-steps (the warm-up)": self.stage0_steps, "--aux-weight": self.aux_weight,
                  "--distill-weight": self.distill_weight,
-                 "--text-first-steps/--text-first-frac": self.text_first_steps or self.text_first_frac,
+                 "--text-first-steps/--text-first-frac/--text-first-until": (
+                     self.text_first_steps or self.text_first_frac or self.text_first_until),
                  "--scale-match": self.scale_match and not self.init_from}
         return [flag for flag, on in given.items() if on]
 

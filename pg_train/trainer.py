@@ -56,6 +56,40 @@ def step_rng(seed: int, stage: int, step: int, micro: int = 0) -> np.random.Gene
     return np.random.default_rng([seed, stage, step, micro, 7])
 
 
+class TextFirst:
+    """Which stage-2 steps give the caption as text in place of the image: the first ``text_first_steps`` always,
+    a ``text_first_frac`` share of the rest at random; with ``text_first_until``, also every step after the first
+    ones until the mean loss of the last :attr:`WINDOW` text steps falls below it (the answer format is learnt then,
+    in one sudden drop whose step varies with the seed), up to step ``text_first_max_steps``. A run whose loss
+    fell within the first steps is the run without the gate, step for step. ``learnt_at``: the step the format was
+    learnt (the loss below ``text_first_until``, or below :attr:`LEARNT` without the gate). Its state travels with
+    checkpoints."""
+
+    WINDOW = 5
+    LEARNT = 0.1
+
+    def __init__(self, cfg: TrainConfig, state: dict[str, Any] | None = None) -> None:
+        self.first, self.until, self.cap = cfg.text_first_steps, cfg.text_first_until, cfg.text_first_max_steps
+        self.frac, self.seed = cfg.text_first_frac, cfg.seed
+        self.recent: list[float] = list((state or {}).get("recent", []))
+        self.learnt_at: int | None = (state or {}).get("learnt_at")
+
+    def use_text(self, step: int) -> bool:
+        if step < self.first or (self.until is not None and self.learnt_at is None and step < self.cap):
+            return True
+        return bool(step_rng(self.seed, 2, step).random() < self.frac)
+
+    def observe(self, step: int, loss: float) -> None:
+        """A text step's loss (the global token mean, the same on every process)."""
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        if (self.learnt_at is None and len(self.recent) == self.WINDOW
+                and sum(self.recent) / self.WINDOW < (self.until if self.until is not None else self.LEARNT)):
+            self.learnt_at = step
+
+    def state(self) -> dict[str, Any]:
+        return {"recent": self.recent, "learnt_at": self.learnt_at}
+
+
 def make_accelerator(cfg: TrainConfig) -> Any:
     """The run's ``Accelerator``: the launcher's processes (one when run plainly), batches split over them,
     accelerate's gradient accumulation (never synced at a DataLoader's end: the loop counts steps itself), DDP
@@ -430,9 +464,11 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
     t_run = time.perf_counter()
     before = float(state.get("run_seconds", 0.0)) if state is not None else 0.0  # earlier processes of this run
 
+    text_first = TextFirst(cfg, state.get("text_first") if state is not None else None)
+
     def extra() -> dict[str, Any]:
         return {"config": training_fields(cfg), "precision": precision, "scale": scale,
-                "run_seconds": before + time.perf_counter() - t_run}
+                "run_seconds": before + time.perf_counter() - t_run, "text_first": text_first.state()}
 
     stopped, to_first_step = False, None
     for stage in STAGES:
@@ -477,9 +513,13 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                 optimizer.zero_grad(set_to_none=True)
                 rec.update(loss=float(terms["infonce"]), samples_per_s=len(run.store) / (time.perf_counter() - t0))
             else:
+                use_text = stage == 2 and text_first.use_text(step)
                 rec.update(_stage_step(cfg, run, accelerator, objective, optimizer, scheduler, param_groups,
-                                       batches, stage, step, world, g, precision))
+                                       batches, stage, step, world, g, precision, use_text))
                 skipped += rec.pop("skipped")
+                if use_text:
+                    rec["text_only"] = True
+                    text_first.observe(step, rec["loss"])
             dt = time.perf_counter() - t0
             rec["step_s"] = dt
             if to_first_step is None:  # model, data index, feature store, warm-up statistics, first batch
@@ -517,7 +557,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "scale": scale, "num_image_tokens": model.num_image_tokens,
                                "insert_layer": getattr(model, "insert_layer", None), "steps": steps,
-                               "skipped_records": skipped,
+                               "skipped_records": skipped, "text_first": text_first.state(),
                                "world_size": world, "seconds_to_first_step": to_first_step}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # trackers closed; the process group is released (no collective after this)
@@ -544,12 +584,11 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
 
 def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, optimizer: Any, scheduler: Any,
                 param_groups: list[dict[str, Any]], batches: Iterator[list[dict[str, Any]]], stage: int, step: int,
-                world: int, g: int, precision: str) -> dict[str, Any]:
-    """One optimizer step of stage 1 or 2 (``precision``: the run's resolved one): ``g`` micro-batches, the global token count first (the LM term's
+                world: int, g: int, precision: str, use_text: bool) -> dict[str, Any]:
+    """One optimizer step of stage 1 or 2 (``precision``: the run's resolved one; ``use_text``: the caption as text
+    in place of the image, :class:`TextFirst`): ``g`` micro-batches, the global token count first (the LM term's
     denominator), then forward/backward under accelerate's accumulation; returns the step's log fields."""
     device = accelerator.device
-    rng = step_rng(cfg.seed, stage, step)
-    use_text = stage == 2 and (step < cfg.text_first_steps or rng.random() < cfg.text_first_frac)
     micro, share = cfg.micro_batch(stage), cfg.micro_batch(stage) // world
     mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
     prepared, skipped = [], 0

@@ -68,6 +68,25 @@ def test_resume_after_a_kill_follows_the_same_loss_curve(tiny_run, tiny_models, 
     assert second["run_seconds"] > second["run_seconds_this_process"]  # the first process's time counts too
 
 
+def test_the_text_first_gate_is_logged_and_resumed(tiny_models, tiny_pairs, tmp_path):
+    # a threshold the tiny random LM never reaches: text-only to the cap, then the per-step draw
+    kw = dict(stage0_steps=0, stage1_steps=0, stage2_steps=7, text_first_steps=1, text_first_until=1e-6,
+              text_first_max_steps=4, text_first_frac=0.0)
+    full = train(_cfg(tiny_models, tiny_pairs, tmp_path / "full", **kw))
+    def flags(out):
+        return [r.get("text_only", False) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+    assert flags(tmp_path / "full") == [True] * 4 + [False] * 3
+    assert full["text_first"]["learnt_at"] is None and len(full["text_first"]["recent"]) == 4
+    out = tmp_path / "killed"
+    train(_cfg(tiny_models, tiny_pairs, out, stop_after=3, **kw))  # its checkpoint holds the gate mid-wait
+    resumed = train(_cfg(tiny_models, tiny_pairs, out, resume=True, **kw))
+    assert flags(out) == flags(tmp_path / "full")
+    assert resumed["text_first"]["recent"] == pytest.approx(full["text_first"]["recent"], rel=1e-5)  # restored
+    assert [x[2] for x in _losses(out)] == pytest.approx([x[2] for x in _losses(tmp_path / "full")], rel=1e-5,
+                                                          abs=1e-6)
+
+
 def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
     full, _ = tiny_run
     with pytest.raises(InputError, match="not empty"):

@@ -197,6 +197,40 @@ def test_stage_lengths_from_steps_epochs_and_the_cap():
         TrainConfig(batch_size=10, grad_accum=4)
 
 
+def test_text_first_steps_wait_for_the_answer_format_only_when_asked():
+    from pg_train.trainer import TextFirst, step_rng
+
+    plain = TextFirst(TrainConfig(text_first_steps=3, text_first_frac=0.3))
+    drawn = [bool(step_rng(0, 2, s).random() < 0.3) for s in range(40)]  # the per-step draw the trainer always made
+    assert [plain.use_text(s) for s in range(40)] == [True] * 3 + drawn[3:]
+    # with the gate: text-only past the first steps until the last 5 text losses average below the threshold
+    gate = TextFirst(TrainConfig(text_first_steps=3, text_first_frac=0.3, text_first_until=0.1,
+                                 text_first_max_steps=30))
+    for step, loss in enumerate([0.5] * 10 + [0.05] * 4):
+        assert gate.use_text(step)
+        gate.observe(step, loss)
+    assert gate.learnt_at is None and gate.use_text(14)  # 4 low losses and one high in the window: not yet
+    gate.observe(14, 0.0)
+    assert gate.learnt_at == 14 and [gate.use_text(s) for s in range(15, 40)] == drawn[15:]
+    # resumed from its state, the gate goes on where it was; it stops waiting at the cap
+    stuck = TextFirst(TrainConfig(text_first_steps=3, text_first_until=0.1, text_first_max_steps=8))
+    for step in range(6):
+        stuck.observe(step, 0.5)
+    again = TextFirst(TrainConfig(text_first_steps=3, text_first_until=0.1, text_first_max_steps=8), stuck.state())
+    assert again.state() == stuck.state() and again.use_text(7) and again.learnt_at is None
+    assert [again.use_text(s) for s in range(8, 40)] == [bool(step_rng(0, 2, s).random() < 0.3) for s in range(8, 40)]
+    # a run whose loss fell within the first steps is the run without the gate
+    early = TextFirst(TrainConfig(text_first_steps=8, text_first_until=0.1))
+    for step in range(8):
+        early.observe(step, 0.01)
+    assert early.learnt_at == 4 and [early.use_text(s) for s in range(40)] == [plain.use_text(s) if s >= 8 else True
+                                                                                for s in range(40)]
+    with pytest.raises(InputError, match="text_first_until"):
+        TrainConfig(text_first_until=0)
+    with pytest.raises(InputError, match="text_first_max_steps"):
+        TrainConfig(text_first_steps=60, text_first_until=0.1, text_first_max_steps=30)
+
+
 def test_recipes_are_files_the_flags_override(tmp_path):
     # the built-in offline recipe is exactly the defaults
     assert resolve_config({}) == TrainConfig()
