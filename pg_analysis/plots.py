@@ -264,7 +264,7 @@ def recommendation_figure(rec: dict[str, Any], path: Path) -> None:
         if any(y is not None for y in ys):
             v = proxies.get(key)
             if v and v.get("rho") is not None:
-                label += f", ρ = {v['rho']:.2f}" + (" ✓" if v["predicts"] else "")
+                label += f", ρ = {v['rho']:.2f}" + (" ✓" if v.get("gates", v["predicts"]) else "")
             ax2.plot(ls, [np.nan if y is None else y for y in ys], style, ms=3, label=label)
     ax2.axhline(rec["rule"]["tolerance"], color="grey", ls=":", lw=1, label="tolerance")
     ax2.set_ylabel("risk (fraction)")

@@ -29,9 +29,10 @@ and named in the output; with none at all, it is an error.
 **Which risks gate.** A proxy is worth gating on only where it predicts what training at L costs. Given a trained
 sweep (``pg-recommend --sweep``), :func:`validate_proxies` measures each proxy's Spearman correlation with the
 accuracy drop ``acc(0) − acc(L)``, with a bootstrap interval over seeds and questions; the proxies whose interval
-lies above 0 gate. Without a sweep, or when none predicts, the paper's two observations gate (``DEFAULT_RISKS``)
+lies above 0 predict, and those of them that admit every trained layer the sweep shows free (accuracy within
+L = 0's interval) gate. Without a sweep, or when none gates, the paper's two observations gate (``DEFAULT_RISKS``)
 and the output says the rule is unvalidated. The insertion probe never gated by default: on the offline pair it
-changes ~60 % of answers at every L ≥ 1 (docs/experiments.md, 2026-11-22).
+changes ~60 % of answers at every L ≥ 1 (docs/experiments.md, 2026-11-22), also where trained models lose nothing.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def bootstrap_accuracy(correct: dict[int, list[Any]], n_boot: int = 2000, seed: 
 
 
 def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list[Any]], n_boot: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+                     seed: int = 0, level: float = 0.95, tolerance: float | None = None) -> dict[str, Any]:
     """How well each proxy's per-layer risk predicts the trained sweep's accuracy drop ``acc(0) − acc(L)``.
 
     ``risks``: proxy → {layer: risk} (NaN: not measured there); ``correct``: layer → per-run 0/1 question vectors
@@ -227,7 +228,10 @@ def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list
     when the interval's lower end is above 0 and every layer it is measured on (L = 0 included) has at least two
     runs: with one run at a layer the interval resamples its questions only and leaves out the seed spread, which on
     the offline pair is larger than the questions' (≈ 0.08 against ≈ 0.025), so it cannot certify a proxy; its ρ and
-    that interval are still reported. Also the per-layer accuracy table with its intervals."""
+    that interval are still reported. A proxy that predicts also *gates* (``"gates"``) unless, at ``tolerance``, it
+    forbids a trained layer whose accuracy lies within L = 0's interval: a rank can be right while the level is not
+    (the insertion probe changes over half the answers at every L ≥ 1, where trained L = 2 loses nothing), and such
+    a proxy would rule out layers the sweep shows are free. Also the per-layer accuracy table with its intervals."""
     if 0 not in correct:
         raise InputError("the sweep has no L = 0 runs: the accuracy drop is measured against them")
     boot = bootstrap_accuracy(correct, n_boot, seed)
@@ -236,11 +240,12 @@ def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list
     table = [{"layer": layer, "runs": len(correct[layer]), "accuracy": mean[layer],
               "interval": [float(np.quantile(boot[layer], tail)), float(np.quantile(boot[layer], 1 - tail))],
               "drop": mean[0] - mean[layer]} for layer in sorted(correct)]
+    free = [r["layer"] for r in table if r["layer"] > 0 and r["accuracy"] >= table[0]["interval"][0]]
     proxies = {}
     for name, per_layer in risks.items():
         layers = [layer for layer in sorted(correct) if layer > 0 and np.isfinite(per_layer.get(layer, np.nan))]
         if len(layers) < 3:
-            proxies[name] = {"layers": layers, "rho": None, "interval": None, "predicts": False,
+            proxies[name] = {"layers": layers, "rho": None, "interval": None, "predicts": False, "gates": False,
                              "why": "fewer than 3 trained layers above 0 where it is measured"}
             continue
         r = [per_layer[layer] for layer in layers]
@@ -255,8 +260,16 @@ def validate_proxies(risks: dict[str, dict[int, float]], correct: dict[int, list
         if single:
             verdict["why"] = (f"one run at L = {', '.join(map(str, single))}: the interval resamples questions only, "
                               "not seeds")
+        blocked = [layer for layer in free if layer in layers and tolerance is not None
+                   and per_layer[layer] > tolerance]
+        verdict["gates"] = verdict["predicts"] and not blocked
+        if verdict["predicts"] and blocked:
+            verdict["why"] = (f"ranks the layers, but at tolerance {tolerance:g} forbids L = "
+                              f"{', '.join(map(str, blocked))}, within L = 0's accuracy interval in the sweep "
+                              f"(risk {', '.join(f'{per_layer[b]:.2f}' for b in blocked)})")
         proxies[name] = verdict
-    return {"proxies": proxies, "table": table, "n_boot": n_boot, "level": level}
+    return {"proxies": proxies, "table": table, "n_boot": n_boot, "level": level, "tolerance": tolerance,
+            "free_layers": free}
 
 
 def frontier_check(layer: int, saving: dict[int, float], table: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 Gathers the evidence that :func:`pg_analysis.recommend.recommend` (the pure rule, documented there) turns into a
 recommendation: the saved ``pg-align`` and ``pg-attnmap`` results, the predicted prefill saving at a prompt shape,
-the training-free proxies measured on the trained baseline (L = 0) — the entry and exit knockouts and the
-insertion probe — and, given a trained sweep (``--sweep``), each proxy's validation against it, which decides the
-gating risks. Writes ``recommend.json``, ``run.json`` and ``recommend.png``.
+the training-free proxies measured on the trained baseline (L = 0) — the entry and exit knockouts, and with
+``--probe`` the insertion probe — and, given a trained sweep (``--sweep``), each proxy's validation against it,
+which decides the gating risks. Writes ``recommend.json``, ``run.json`` and ``recommend.png``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class RecommendConfig:
     vlm: str = "runs/train-L0"  # the baseline (L = 0) VLM the probe runs grounded at each L
     align: str | None = "runs/align"  # a pg-align result folder (None: not used)
     attnmap: str | None = "runs/attnmap"  # a pg-attnmap result folder (None: not used)
-    probe: bool = True  # the insertion probe (answers_changed)
+    probe: bool = False  # the insertion probe (answers_changed); ranks but over-warns against the sweep
     knockout: bool = True  # the entry and exit knockouts
     sweep: list[str] | None = None  # trained sweep folders (pg-train runs with eval/): validate the proxies
     shape: tuple[int, int] = PAPER_SHAPE  # text, vision rows the saving is predicted for
@@ -195,13 +195,15 @@ def run_recommend(cfg: RecommendConfig, progress: bool = True) -> dict[str, Any]
                          cfg.tolerance, cfg.skip_layers, cfg.risks)  # every measured risk, per layer
         per_proxy = {k: {r["layer"]: r[k] for r in rec0["table"] if r.get(k) is not None}
                      for k in PROXIES if any(r.get(k) is not None for r in rec0["table"])}
-        validation = validate_proxies(per_proxy, correct_by_layer(sweep), cfg.n_boot, cfg.seed)
-        predicting = tuple(k for k, v in validation["proxies"].items() if v["predicts"])
-        validation["predicting"] = list(predicting)
-        risks = predicting or risks
+        validation = validate_proxies(per_proxy, correct_by_layer(sweep), cfg.n_boot, cfg.seed,
+                                      tolerance=cfg.tolerance)
+        gating = tuple(k for k, v in validation["proxies"].items() if v["gates"])
+        validation["predicting"] = [k for k, v in validation["proxies"].items() if v["predicts"]]
+        validation["gating"] = list(gating)
+        risks = gating or risks
     rec = recommend(saving, attn_profile, align_profile, proxies if any(proxies.values()) else None,
                     cfg.tolerance, cfg.skip_layers, risks)
-    rec["rule"]["validated"] = bool(validation and validation["predicting"])
+    rec["rule"]["validated"] = bool(validation and validation["gating"])
     if validation is not None:
         validation["frontier"] = frontier_check(rec["recommended_layer"], saving, validation["table"])
         rec["validation"] = validation

@@ -311,13 +311,16 @@ def recommend_parser() -> argparse.ArgumentParser:
         prog="pg-recommend",
         description="Recommend the insert layer L from the alignment profile (pg-align), the attention profile "
                     "(pg-attnmap) and training-free proxies measured on the baseline VLM (entry and exit "
-                    "knockouts, the insertion probe); with --sweep, the proxies that predict a trained sweep's "
-                    "accuracy drop gate. Rule: the largest L such that every L' <= L keeps every gating risk "
+                    "knockouts; the insertion probe on request); with --sweep, the proxies that predict a trained "
+                    "sweep's accuracy drop and admit its free layers gate. Rule: the largest L such that every L' <= L keeps every gating risk "
                     "<= --tolerance.")
     p.add_argument("--vlm", default=d.vlm, help="baseline L=0 VLM (pg-train run or LLaVA) (default: %(default)s)")
     p.add_argument("--align", default=d.align, help="pg-align result folder, or 'none' (default: %(default)s)")
     p.add_argument("--attnmap", default=d.attnmap, help="pg-attnmap result folder, or 'none' (default: %(default)s)")
-    p.add_argument("--no-probe", action="store_true", help="skip the insertion probe (answers_changed)")
+    p.add_argument("--probe", action="store_true",
+                   help="also the insertion probe (answers_changed: the baseline's rows inserted at L as they are); "
+                        "off by default: against the trained sweep it ranks the layers but flags every L >= 1, "
+                        "also those that lose nothing (docs/experiments.md, 2026-12-03)")
     p.add_argument("--no-knockout", action="store_true", help="skip the entry and exit knockouts")
     p.add_argument("--sweep", nargs="+", default=None,
                    help="trained sweep folders (pg-train runs with eval/, one recipe): validate each proxy "
@@ -352,7 +355,7 @@ def _recommend_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable_parent(out)
     none = lambda v: None if v is None or v.lower() == "none" else v  # noqa: E731
-    cfg = RecommendConfig(vlm=args.vlm, align=none(args.align), attnmap=none(args.attnmap), probe=not args.no_probe,
+    cfg = RecommendConfig(vlm=args.vlm, align=none(args.align), attnmap=none(args.attnmap), probe=args.probe,
                           knockout=not args.no_knockout, sweep=args.sweep, shape=tuple(args.shape),
                           n_boot=args.n_boot,
                           data=args.data, coco_root=args.coco_root, n=args.n, layers=args.layers,
@@ -369,10 +372,12 @@ def _recommend_main(args: argparse.Namespace) -> int:
     if v is not None:
         for name, p in v["proxies"].items():
             rho = "-" if p["rho"] is None else f"{p['rho']:.2f} [{p['interval'][0]:.2f}, {p['interval'][1]:.2f}]"
-            print(f"  {name:>17}: Spearman with the sweep's accuracy drop {rho}"
-                  f"{'  predicts' if p['predicts'] else ''}{'  (' + p['why'] + ')' if p.get('why') else ''}")
-        if not v["predicting"]:
-            print("no proxy predicts the sweep's accuracy drop: the rule falls back on --risks, unvalidated")
+            verdict = "  predicts, gates" if p.get("gates") else "  predicts" if p["predicts"] else ""
+            print(f"  {name:>17}: Spearman with the sweep's accuracy drop {rho}{verdict}"
+                  f"{'  (' + p['why'] + ')' if p.get('why') else ''}")
+        if not v.get("gating", v["predicting"]):
+            print("no proxy predicts the sweep's accuracy drop and admits its free layers: the rule falls back on "
+                  "--risks, unvalidated")
         f = v["frontier"]
         where = ("not trained in the sweep" if not f["trained"] else "on the measured frontier within its interval"
                  if f["on_frontier"] else f"off the measured frontier (dominated by L = {f['dominated_by']})")

@@ -29,7 +29,7 @@ def test_pg_recommend_end_to_end(tiny_vlm_dir, tiny_pairs, evidence, tmp_path, c
     out = tmp_path / "rec"
     args = ["--vlm", str(tiny_vlm_dir), "--data", str(tiny_pairs), "--n", "8", "--align", str(evidence / "align"),
             "--attnmap", str(evidence / "attnmap"), "--skip-layers", "0", "--precision", "fp32", "--quiet"]
-    assert recommend_cli([*args, "--tolerance", "1.0", "--out", str(out)]) == 0
+    assert recommend_cli([*args, "--tolerance", "1.0", "--probe", "--out", str(out)]) == 0
     rec = load_recommendation(out)
     assert rec["recommended_layer"] == 3  # tolerance 1 admits every layer
     assert [r["layer"] for r in rec["table"]] == [0, 1, 2, 3]
@@ -74,11 +74,13 @@ def test_pg_recommend_validates_the_proxies_against_a_sweep(tiny_vlm_dir, tiny_p
     rec = load_recommendation(tmp_path / "rec")
     v = rec["validation"]
     assert [r["layer"] for r in rec["table"]] == [0, 1, 2, 3]  # every trained layer gets its proxies
-    assert set(v["proxies"]) == {"attention_lost", "entry_changed", "entry_kl", "answers_changed"}
+    assert set(v["proxies"]) == {"attention_lost", "entry_changed", "entry_kl"}  # no insertion probe by default
+    assert "answers_changed" not in rec["table"][1] and "insertion_probe" not in rec["evidence"]["proxies"]["seconds"]
     assert v["proxies"]["attention_lost"]["layers"] == [1, 2, 3]
     assert v["predicting"] == [k for k, p in v["proxies"].items() if p["predicts"]]
-    assert rec["rule"]["validated"] == bool(v["predicting"])
-    assert rec["rule"]["risks_used"] == (v["predicting"] or ["attention_lost"])
+    assert v["gating"] == [k for k, p in v["proxies"].items() if p["gates"]] and set(v["gating"]) <= set(v["predicting"])
+    assert rec["rule"]["validated"] == bool(v["gating"])
+    assert rec["rule"]["risks_used"] == (v["gating"] or ["attention_lost"])
     assert v["frontier"]["layer"] == rec["recommended_layer"] and v["frontier"]["trained"]
     assert rec["shape"] == {"text": 20, "vision": 100}
     out = capsys.readouterr().out

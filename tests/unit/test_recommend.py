@@ -132,3 +132,11 @@ def test_validate_proxies_finds_a_predicting_risk_and_rejects_noise():
     assert not v1["proxies"]["good"]["predicts"] and v1["proxies"]["good"]["rho"] > 0.8
     assert v1["proxies"]["good"]["interval"][0] > 0 and "one run at L = 12" in v1["proxies"]["good"]["why"]
     assert "why" not in v["proxies"]["good"]
+    # a proxy that ranks the layers right but forbids one the sweep shows free (L = 2, within L = 0's interval)
+    # predicts, yet does not gate; without a tolerance nothing is checked
+    risks["alarmist"] = {2: 0.55, 4: 0.56, 8: 0.6, 12: 0.62, 16: 0.65}
+    vt = validate_proxies(risks, correct, n_boot=500, tolerance=0.25)
+    assert vt["free_layers"] == [2, 4] and vt["proxies"]["good"]["gates"]
+    alarm = vt["proxies"]["alarmist"]
+    assert alarm["predicts"] and not alarm["gates"] and "forbids L = 2, 4" in alarm["why"]
+    assert validate_proxies(risks, correct, n_boot=500)["proxies"]["alarmist"]["gates"]
