@@ -312,8 +312,8 @@ def recommend_parser() -> argparse.ArgumentParser:
         description="Recommend the insert layer L from the alignment profile (pg-align), the attention profile "
                     "(pg-attnmap) and training-free proxies measured on the baseline VLM (entry and exit "
                     "knockouts; the insertion probe on request); with --sweep, the proxies that predict a trained "
-                    "sweep's accuracy drop and admit its free layers gate. Rule: the largest L such that every L' <= L keeps every gating risk "
-                    "<= --tolerance.")
+                    "sweep's accuracy drop and admit its free layers gate. Rule: the largest L such that every "
+                    "L' <= L keeps every gating risk <= --tolerance.")
     p.add_argument("--vlm", default=d.vlm, help="baseline L=0 VLM (pg-train run or LLaVA) (default: %(default)s)")
     p.add_argument("--align", default=d.align, help="pg-align result folder, or 'none' (default: %(default)s)")
     p.add_argument("--attnmap", default=d.attnmap, help="pg-attnmap result folder, or 'none' (default: %(default)s)")

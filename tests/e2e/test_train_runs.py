@@ -73,6 +73,7 @@ def test_the_text_first_gate_is_logged_and_resumed(tiny_models, tiny_pairs, tmp_
     kw = dict(stage0_steps=0, stage1_steps=0, stage2_steps=7, text_first_steps=1, text_first_until=1e-6,
               text_first_max_steps=4, text_first_frac=0.0)
     full = train(_cfg(tiny_models, tiny_pairs, tmp_path / "full", **kw))
+
     def flags(out):
         return [r.get("text_only", False) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
 
