@@ -86,7 +86,12 @@ def save_checkpoint(accelerator: Any, out_dir: Path, stage: int, next_step: int,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except RuntimeError as e:  # torch.save's zip writer reports a short write (a full disk) as a RuntimeError
+            free = shutil.disk_usage(tmp.parent).free / 2**30
+            raise OSError(f"checkpoint {tmp} could not be written ({str(e).strip()}); {free:.1f} GiB free on its "
+                          "disk") from e
         accelerator.wait_for_everyone()
         if main:
             atomic_write_json(tmp / STATE, {"stage": stage, "next_step": next_step,

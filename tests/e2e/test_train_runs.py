@@ -256,6 +256,37 @@ def test_a_kill_while_saving_a_checkpoint_leaves_no_half_checkpoint(tiny_models,
     assert not list((out / "checkpoints").glob("*.tmp")) and out.is_dir()  # kept: it holds a checkpoint
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_line_exit_2(tiny_models, tiny_pairs, tmp_path, monkeypatch,
+                                                                capsys):
+    """A full disk mid-checkpoint (torch's zip writer says so with a RuntimeError): one line, exit 2, and no half
+    checkpoint; the run resumes from its last complete one once there is room."""
+    from accelerate import Accelerator
+
+    from pg_train.cli import train_cli
+
+    out = tmp_path / "run"
+    argv = ["--vision", str(tiny_models["dinov2"]), "--llm", str(tiny_models["llama"]), "--data", str(tiny_pairs),
+            "--layer", "1", "--vision-pool", "2", "--stage0-steps", "2", "--stage2-steps", "2", "--batch-size", "4",
+            "--checkpoint-every", "1", "--precision", "fp32", "--max-length", "128", "--quiet",
+            "--cache-dir", str(tmp_path / "features"), "--out", str(out)]
+    save_state, calls = Accelerator.save_state, []
+
+    def full_disk(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            save_state(self, output_dir, **kw)  # part of it is written, then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 810839616 vs 810839504")
+        return save_state(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    assert train_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "could not be written" in err and "GiB free" in err, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [Path(calls[0]).name.removesuffix(".tmp")]
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert train_cli([*argv, "--resume"]) == 0 and (out / "model" / "config.json").is_file()
+
+
 def test_a_window_run_trains_saves_and_evaluates(tiny_models, tiny_pairs, tmp_path):
     from pg_train.cli import eval_cli, train_cli
     from pg_train.vlm import load_vlm
