@@ -156,7 +156,7 @@ def loss_curve_figure(runs: dict[str, list[dict[str, Any]]], path: Path, smooth:
     is drawn over the raw curve.
     """
     plt = _pyplot()
-    stages = sorted({r["stage"] for recs in runs.values() for r in recs})
+    stages = list(dict.fromkeys(r["stage"] for recs in runs.values() for r in recs))  # the order they ran in
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.2 * max(1, len(stages)), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for i, (label, recs) in enumerate(runs.items()):
@@ -169,7 +169,8 @@ def loss_curve_figure(runs: dict[str, list[dict[str, Any]]], path: Path, smooth:
             ax.plot(x, y, color=colour, alpha=0.25, lw=0.8)
             k = min(smooth, len(y))
             ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color=colour, lw=1.6, label=label)
-        name = {0: "stage 0 (InfoNCE warm-up)", 1: "stage 1 (projector)", 2: "stage 2 (projector + LM)"}
+        name = {0: "stage 0 (InfoNCE warm-up)", 1: "stage 1 (projector)", 2: "stage 2 (projector + LM)",
+                3: "format stage (text only)"}
         ax.set_title(name.get(stage, f"stage {stage}"), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

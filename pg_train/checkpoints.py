@@ -2,7 +2,7 @@
 state; sharded the way FSDP or DeepSpeed shard) plus ``state.json`` (stage, next step, options, world size).
 
 ``checkpoints/stage{s}-step{k}`` means "stage ``s`` continues at step ``k``" (``k`` = the stage's length: the
-stage is done). Every process writes its part into ``stage{s}-step{k}.tmp``; once all have, the main process adds
+stage is done; the format stage, 3, runs before stage 2: ``config.STAGES``). Every process writes its part into ``stage{s}-step{k}.tmp``; once all have, the main process adds
 ``state.json`` and renames the folder, and removes older ones. Only renamed folders holding ``state.json`` and the
 optimizer are ever resumed from; a torn one (a kill mid-write) is reported and passed over.
 """
@@ -20,7 +20,7 @@ from pg_analysis.errors import InputError
 from pg_analysis.runinfo import atomic_write_json
 from pg_analysis.runs import CHECKPOINTS_DIR
 
-from .config import TrainConfig, training_fields
+from .config import STAGES, TrainConfig, stage_position, training_fields
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     found = []
     for path in (Path(out_dir) / CHECKPOINTS_DIR).glob("stage*-step*"):
         m = _NAME.match(path.name)
-        if m is None:
+        if m is None or int(m.group(1)) not in STAGES:
             continue
         missing = [f for f in _REQUIRED if not (path / f).is_file()]
         try:
@@ -44,7 +44,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         if missing:
             log.warning("checkpoint %s is incomplete (no %s): skipped", path, ", ".join(missing))
             continue
-        found.append(((int(m.group(1)), int(m.group(2))), path))
+        found.append((stage_position(int(m.group(1)), int(m.group(2))), path))
     return max(found)[1] if found else None
 
 

@@ -40,6 +40,17 @@ RECIPES_DIR = Path(__file__).with_name("recipes")
 RESUME_FREE = ("out_dir", "resume", "checkpoint_every", "stop_after", "progress", "cache_dir", "num_workers",
                "report_to")
 REPORT_TO = ("tensorboard", "wandb", "none")
+#: the format stage's number: it runs after stage 1 and before stage 2 (numbered after them so that stage 2 keeps
+#: LLaVA's meaning and every earlier run's numbers)
+FORMAT_STAGE = 3
+#: the stages in the order they run: 0 the Platonic warm-up, 1 the projector on captions, 3 the format stage (text
+#: only), 2 the projector and the LM layers >= L
+STAGES = (0, 1, FORMAT_STAGE, 2)
+
+
+def stage_position(stage: int, step: int) -> tuple[int, int]:
+    """Where ``(stage, step)`` falls in a run, as a sortable pair (checkpoints, logs)."""
+    return STAGES.index(stage), step
 #: transformers' schedules that need only the warm-up and total steps
 LR_SCHEDULERS = ("cosine", "linear", "polynomial", "constant_with_warmup")
 
@@ -143,6 +154,14 @@ class TrainConfig:
                                                   "only (default: %(default)s)")
     text_first_max_steps: int = option(120, "the stage-2 step after which --text-first-until stops waiting "
                                             "(default: %(default)s)")
+    format_steps: int = option(0, "the format stage, between stage 1 and stage 2: at most this many text-only steps"
+                                  " (each record's text twin: the caption as text in place of the image) training "
+                                  "what stage 2 trains, on a constant lr after the warm-up, until the mean loss of "
+                                  "the last 5 falls below --format-until; stage 2 then starts on its own schedule; "
+                                  "0: none (default: %(default)s)")
+    format_until: float = option(0.1, "the format stage ends once the mean loss of its last 5 steps is below this "
+                                      "(default: %(default)s)")
+    format_lr: float | None = option(None, "the format stage's learning rate (default: --stage2-lr)")
     aux_weight: float = option(0.1, "weight of the InfoNCE term kept in stages 1-2; 0 disables (default: "
                                     "%(default)s)")
     distill_weight: float = option(1.0, "weight of the text-twin distillation term in stage 2: image examples' LM "
@@ -186,7 +205,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.system_prompt == "default":
             self.system_prompt = None
-        for name in ("stage0_steps", "stage1_steps", "stage2_steps", "text_first_steps", "num_workers"):
+        for name in ("stage0_steps", "stage1_steps", "stage2_steps", "text_first_steps", "format_steps",
+                     "num_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "max_length", "checkpoint_every", "vision_pool", "lora_r", "slots",
@@ -225,6 +245,8 @@ class TrainConfig:
         if self.text_first_until is not None and self.text_first_max_steps < self.text_first_steps:
             raise InputError(f"text_first_max_steps ({self.text_first_max_steps}) is below text_first_steps "
                              f"({self.text_first_steps}): --text-first-until would never extend the text-first steps")
+        if not self.format_until > 0 or (self.format_lr is not None and not self.format_lr > 0):
+            raise InputError(f"format_until and format_lr must be > 0, got {self.format_until} and {self.format_lr}")
         if not 0 <= self.text_first_frac <= 1 or not 0 <= self.warmup_frac < 1:
             raise InputError("text_first_frac must be in [0, 1] and warmup_frac in [0, 1)")
         if self.tau <= 0 or self.aux_weight < 0:
@@ -261,7 +283,8 @@ class TrainConfig:
     @property
     def uses_twins(self) -> bool:
         """Whether stage 2 needs each record's text twin (caption as text in place of the image)."""
-        return bool(self.text_first_steps or self.text_first_frac or self.text_first_until or self.distill_weight)
+        return bool(self.text_first_steps or self.text_first_frac or self.text_first_until or self.distill_weight
+                    or self.format_steps)
 
     @property
     def store(self) -> str | None:
@@ -275,6 +298,7 @@ class TrainConfig:
                  "--distill-weight": self.distill_weight,
                  "--text-first-steps/--text-first-frac/--text-first-until": (
                      self.text_first_steps or self.text_first_frac or self.text_first_until),
+                 "--format-steps": self.format_steps,
                  "--scale-match": self.scale_match and not self.init_from}
         return [flag for flag, on in given.items() if on]
 
@@ -294,10 +318,13 @@ class TrainConfig:
         return self.global_batch(stage) // self.grad_accum
 
     def stage_steps(self, stage: int, n_records: int) -> int:
-        """Optimizer steps of ``stage`` (1 or 2) over ``n_records`` records: the explicit count, else the epochs
-        over the global batch, else (stage 1) 100 with stage-1 data; capped by ``max_steps``."""
+        """Optimizer steps of ``stage`` (1, 2 or the format stage, which reads stage 2's records) over ``n_records``
+        records: the explicit count, else the epochs over the global batch, else (stage 1) 100 with stage-1 data;
+        capped by ``max_steps``. The format stage's count is its most: it ends when its loss is low enough."""
         if n_records == 0:
             return 0
+        if stage == FORMAT_STAGE:
+            return min(self.format_steps, self.max_steps) if self.max_steps is not None else self.format_steps
         steps = self.stage1_steps if stage == 1 else self.stage2_steps
         epochs = self.stage1_epochs if stage == 1 else self.stage2_epochs
         if steps is None:

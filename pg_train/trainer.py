@@ -1,5 +1,6 @@
-"""``pg-train``'s loop, on accelerate: stage 0 (Platonic warm-up), stage 1 (projector), stage 2 (projector + LM
-layers ≥ L), on one process or many (DDP, FSDP, DeepSpeed — whatever ``accelerate launch`` or ``torchrun`` set up).
+"""``pg-train``'s loop, on accelerate: stage 0 (Platonic warm-up), stage 1 (projector), the format stage (text
+only, optional; numbered 3), stage 2 (projector + LM layers ≥ L), on one process or many (DDP, FSDP, DeepSpeed —
+whatever ``accelerate launch`` or ``torchrun`` set up).
 
 Where each concept lives: options and recipes ``config.py``; records, batches and images ``pipeline.py`` (and the
 feature store ``feature_store.py``); the loss terms and their total ``losses.py``; what a stage trains and LoRA
@@ -8,8 +9,9 @@ feature store ``feature_store.py``); the loss terms and their total ``losses.py`
 - ``batch_size`` is the global batch: a step's ``grad_accum`` micro-batches are each split over the processes
   (accelerate's ``split_batches``); accumulation is accelerate's. The LM term is the global token mean.
 - Everything that varies per step is a function of ``(seed, stage, step)`` — batch order (the sampler's epoch seed
-  and the position), mirror augmentation, the text-first choice — so a checkpoint (accelerate's state: weights,
-  optimizer, scheduler, RNG) resumes onto the same loss curve, on the same number of processes.
+  and the position), mirror augmentation, the text-first choice — or of the loss gates' state, which checkpoints
+  carry, so a checkpoint (accelerate's state: weights, optimizer, scheduler, RNG) resumes onto the same loss curve,
+  on the same number of processes.
 - Only the main process writes: ``run.json``, ``recipe.json``, ``data/`` (the built instruction JSON), ``log.jsonl``
   (one line per step: stage, step, loss, lr, samples/s, tokens/s), ``logs/`` (tensorboard), ``checkpoints/``,
   ``model/`` (the final HF folder, written atomically), ``loss.png``, ``summary.json``.
@@ -35,7 +37,7 @@ from pg_analysis.runinfo import atomic_write_json
 from pg_analysis.runs import DATA_DIR, MODEL_DIR, TRAIN_LOG, TRAIN_SUMMARY, write_run_record
 
 from .checkpoints import latest_checkpoint, read_checkpoint, save_checkpoint
-from .config import TrainConfig, recipe_path, training_fields
+from .config import FORMAT_STAGE, STAGES, TrainConfig, recipe_path, stage_position, training_fields
 from .conversations import default_template
 from .datasets import pad_rows
 from .inputs import flips_in_tensor
@@ -47,13 +49,32 @@ from .warmup import CaptionStates, caption_targets, match_scale
 
 log = logging.getLogger(__name__)
 
-STAGES = (0, 1, 2)
-
 __all__ = ["TrainConfig", "latest_checkpoint", "train"]
 
 
 def step_rng(seed: int, stage: int, step: int, micro: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stage, step, micro, 7])
+
+
+class LossGate:
+    """Whether a loss has fallen: the step at which the mean of the last :attr:`WINDOW` observed losses first went
+    below ``until`` (``learnt_at``; None until then). Its state travels with checkpoints."""
+
+    WINDOW = 5
+
+    def __init__(self, until: float, state: dict[str, Any] | None = None) -> None:
+        self.until = until
+        self.recent: list[float] = list((state or {}).get("recent", []))
+        self.learnt_at: int | None = (state or {}).get("learnt_at")
+
+    def observe(self, step: int, loss: float) -> None:
+        """A step's loss (the global token mean, the same on every process)."""
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        if self.learnt_at is None and len(self.recent) == self.WINDOW and sum(self.recent) / self.WINDOW < self.until:
+            self.learnt_at = step
+
+    def state(self) -> dict[str, Any]:
+        return {"recent": self.recent, "learnt_at": self.learnt_at}
 
 
 class TextFirst:
@@ -62,17 +83,19 @@ class TextFirst:
     ones until the mean loss of the last :attr:`WINDOW` text steps falls below it (the answer format is learnt then,
     in one sudden drop whose step varies with the seed), up to step ``text_first_max_steps``. A run whose loss
     fell within the first steps is the run without the gate, step for step. ``learnt_at``: the step the format was
-    learnt (the loss below ``text_first_until``, or below :attr:`LEARNT` without the gate). Its state travels with
-    checkpoints."""
+    learnt (the text loss below ``text_first_until``, or below :attr:`LEARNT` without the gate: a :class:`LossGate`
+    over the text steps)."""
 
-    WINDOW = 5
     LEARNT = 0.1
 
     def __init__(self, cfg: TrainConfig, state: dict[str, Any] | None = None) -> None:
         self.first, self.until, self.cap = cfg.text_first_steps, cfg.text_first_until, cfg.text_first_max_steps
         self.frac, self.seed = cfg.text_first_frac, cfg.seed
-        self.recent: list[float] = list((state or {}).get("recent", []))
-        self.learnt_at: int | None = (state or {}).get("learnt_at")
+        self.gate = LossGate(self.until if self.until is not None else self.LEARNT, state)
+
+    @property
+    def learnt_at(self) -> int | None:
+        return self.gate.learnt_at
 
     def use_text(self, step: int) -> bool:
         if step < self.first or (self.until is not None and self.learnt_at is None and step < self.cap):
@@ -81,13 +104,10 @@ class TextFirst:
 
     def observe(self, step: int, loss: float) -> None:
         """A text step's loss (the global token mean, the same on every process)."""
-        self.recent = (self.recent + [loss])[-self.WINDOW:]
-        if (self.learnt_at is None and len(self.recent) == self.WINDOW
-                and sum(self.recent) / self.WINDOW < (self.until if self.until is not None else self.LEARNT)):
-            self.learnt_at = step
+        self.gate.observe(step, loss)
 
     def state(self) -> dict[str, Any]:
-        return {"recent": self.recent, "learnt_at": self.learnt_at}
+        return self.gate.state()
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -156,6 +176,7 @@ class Run:
                                             twins=cfg.uses_twins, **common)
         self.steps = {0: cfg.stage0_steps if cfg.uses_warmup_features else 0,
                       1: cfg.stage_steps(1, len(self.index[1] or [])),
+                      FORMAT_STAGE: cfg.stage_steps(FORMAT_STAGE, len(self.index[2] or [])),
                       2: cfg.stage_steps(2, len(self.index[2] or []))}
         for stage in (1, 2):
             if self.steps[stage] and len(self.datasets[stage]) < cfg.micro_batch(stage):
@@ -288,14 +309,15 @@ class Run:
 
     def batches(self, accelerator: Any, stage: int, first_step: int) -> Iterator[list[dict[str, Any]]]:
         """This process's share of the stage's micro-batches from optimizer step ``first_step`` on, epoch after
-        epoch (each epoch's order seeded by it); skipped batches are never loaded."""
+        epoch (each epoch's order seeded by it and the stage); skipped batches are never loaded. The format stage
+        reads stage 2's records."""
         cfg = self.cfg
-        micro = cfg.micro_batch(stage)
+        micro, data = cfg.micro_batch(stage), 2 if stage == FORMAT_STAGE else stage
         loader = accelerator.prepare(torch.utils.data.DataLoader(
-            self.datasets[stage], batch_size=micro, drop_last=True, collate_fn=keep_items,
-            sampler=EpochSampler(self.index[stage].lengths, micro, cfg.seed, stage, cfg.length_group),
+            self.datasets[data], batch_size=micro, drop_last=True, collate_fn=keep_items,
+            sampler=EpochSampler(self.index[data].lengths, micro, cfg.seed, stage, cfg.length_group),
             num_workers=cfg.num_workers))
-        epoch, offset = divmod(first_step * cfg.grad_accum, len(self.datasets[stage]) // micro)
+        epoch, offset = divmod(first_step * cfg.grad_accum, len(self.datasets[data]) // micro)
         while True:
             loader.set_epoch(epoch)
             yield from (accelerator.skip_first_batches(loader, offset) if offset else loader)
@@ -361,11 +383,11 @@ class _Log:
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     rec = json.loads(line)
-                    position = (rec["stage"], rec["step"])
-                except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by the kill: past the checkpoint
+                    position = stage_position(rec["stage"], rec["step"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # torn by the kill: past the checkpoint
                     log.warning("%s line %d is torn; dropped", path, number)
                     continue
-                if position < keep_until:
+                if position < stage_position(*keep_until):
                     lines.append(line)
         path.write_text("".join(line + "\n" for line in lines))
 
@@ -465,24 +487,33 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
     before = float(state.get("run_seconds", 0.0)) if state is not None else 0.0  # earlier processes of this run
 
     text_first = TextFirst(cfg, state.get("text_first") if state is not None else None)
+    format_gate = LossGate(cfg.format_until, state.get("format") if state is not None else None)
 
     def extra() -> dict[str, Any]:
         return {"config": training_fields(cfg), "precision": precision, "scale": scale,
-                "run_seconds": before + time.perf_counter() - t_run, "text_first": text_first.state()}
+                "run_seconds": before + time.perf_counter() - t_run, "text_first": text_first.state(),
+                "format": format_gate.state()}
 
     stopped, to_first_step = False, None
     for stage in STAGES:
-        if stage < start_stage or steps[stage] == 0:
+        if STAGES.index(stage) < STAGES.index(start_stage) or steps[stage] == 0:
             continue
         accelerator.free_memory()  # the previous stage's prepared objects
-        if stage == 2 and cfg.lora and not any("lora_" in n for n, _ in model.named_parameters()):
+        lm_stage = stage in (FORMAT_STAGE, 2)  # the format stage trains what stage 2 trains, less the projector
+        if lm_stage and cfg.lora and not any("lora_" in n for n, _ in model.named_parameters()):
             add_lora(model, cfg.layer, cfg.lora_r, cfg.lora_alpha)
-        groups = set_trainable(model, stage, cfg.layer, cfg.lora)
+        groups = set_trainable(model, 2 if lm_stage else stage, cfg.layer, cfg.lora)
+        if stage == FORMAT_STAGE:  # text only: the projector would get no gradient
+            for p in groups.pop("projector"):
+                p.requires_grad_(False)
         lrs = {0: {"projector": cfg.stage0_lr}, 1: {"projector": cfg.stage1_lr},
+               FORMAT_STAGE: {"lm": cfg.format_lr or cfg.stage2_lr},
                2: {"projector": cfg.stage2_projector_lr, "lm": cfg.stage2_lr}}[stage]
         param_groups = [{"params": groups[k], "lr": lr, "name": k} for k, lr in lrs.items() if groups[k]]
         optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_frac * steps[stage]),
+        # the format stage's length is set by its gate: a constant lr after the warm-up, whenever it ends
+        scheduler = get_scheduler("constant_with_warmup" if stage == FORMAT_STAGE else cfg.lr_scheduler, optimizer,
+                                  num_warmup_steps=int(cfg.warmup_frac * steps[stage]),
                                   num_training_steps=steps[stage])
         # inside the window [L, K) only: there every row is present (layers >= K run on the text rows alone)
         picks = (distill_layer_indices(cfg.layer, model.exit_layer, cfg.distill_layers)
@@ -513,13 +544,13 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                 optimizer.zero_grad(set_to_none=True)
                 rec.update(loss=float(terms["infonce"]), samples_per_s=len(run.store) / (time.perf_counter() - t0))
             else:
-                use_text = stage == 2 and text_first.use_text(step)
+                use_text = stage == FORMAT_STAGE or (stage == 2 and text_first.use_text(step))
                 rec.update(_stage_step(cfg, run, accelerator, objective, optimizer, scheduler, param_groups,
                                        batches, stage, step, world, g, precision, use_text))
                 skipped += rec.pop("skipped")
                 if use_text:
                     rec["text_only"] = True
-                    text_first.observe(step, rec["loss"])
+                    (format_gate if stage == FORMAT_STAGE else text_first).observe(step, rec["loss"])
             dt = time.perf_counter() - t0
             rec["step_s"] = dt
             if to_first_step is None:  # model, data index, feature store, warm-up statistics, first batch
@@ -535,13 +566,18 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                 postfix["tok/s"] = f"{rec['tokens_per_s']:.0f}"
             bar.set_postfix(postfix)
             done_steps += 1
-            last = step + 1 == steps[stage]
-            if (step + 1) % cfg.checkpoint_every == 0 or last:
+            ended = stage == FORMAT_STAGE and format_gate.learnt_at is not None  # the format is learnt
+            last = step + 1 == steps[stage] or ended
+            if ended:  # its checkpoint marks the stage done
+                save_checkpoint(accelerator, out_dir, stage, steps[stage], extra())
+            elif (step + 1) % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(accelerator, out_dir, stage, step + 1, extra())
             if cfg.stop_after is not None and done_steps >= cfg.stop_after and not last:
                 if (step + 1) % cfg.checkpoint_every:
                     save_checkpoint(accelerator, out_dir, stage, step + 1, extra())
                 stopped = True
+                break
+            if ended:
                 break
         bar.close()
         stage_time[stage] = time.perf_counter() - t_stage
@@ -558,6 +594,7 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                                "scale": scale, "num_image_tokens": model.num_image_tokens,
                                "insert_layer": getattr(model, "insert_layer", None), "steps": steps,
                                "skipped_records": skipped, "text_first": text_first.state(),
+                               "format": format_gate.state(),
                                "world_size": world, "seconds_to_first_step": to_first_step}
     accelerator.wait_for_everyone()
     accelerator.end_training()  # trackers closed; the process group is released (no collective after this)
@@ -603,6 +640,9 @@ def _stage_step(cfg: TrainConfig, run: Run, accelerator: Any, objective: Any, op
             log.warning("skipped %d bad records (e.g. %s)", len(bad), bad[0]["error"])
             flips = [f for it, f in zip(items, flips) if "error" not in it]
             items = [it for it in items if "error" not in it]
+        if stage == FORMAT_STAGE:  # text only: a record whose image has no text twin (no caption) sits it out
+            flips = [f for it, f in zip(items, flips) if it.get("twin") is not None or "image" not in it]
+            items = [it for it in items if it.get("twin") is not None or "image" not in it]
         prepared.append(step_inputs(run, items, use_text, flips, stage, device) if items else None)
     shift = 0 if run.vlm.is_encoder_decoder else 1  # a causal LM's first label predicts nothing
     local = [sum(int((p["inputs"]["labels"][:, shift:] != -100).sum()) for p in prepared if p),

@@ -92,17 +92,20 @@ def test_a_killed_two_process_run_resumes_onto_the_same_curve(llava):
 
 
 def test_the_offline_recipe_runs_on_two_processes(tiny_models, tiny_pairs, tmp_path):
-    """Warm-up, scale matching, the feature store, text-first steps, distillation and the InfoNCE term."""
+    """Warm-up, scale matching, the feature store, the format stage, text-first steps, distillation and the InfoNCE
+    term."""
     out = tmp_path / "offline"
     cfg = dict(vision=str(tiny_models["dinov2"]), llm=str(tiny_models["llama"]), data=str(tiny_pairs), layer=1,
-               vision_pool=2, stage0_steps=2, stage2_steps=4, text_first_steps=2, batch_size=4, precision="fp32",
-               max_length=128, cache_dir=str(tmp_path / "features"), distill_layers=2, report_to="none")
+               vision_pool=2, stage0_steps=2, format_steps=2, format_until=1e-6, stage2_steps=4, text_first_steps=2,
+               batch_size=4, precision="fp32", max_length=128, cache_dir=str(tmp_path / "features"), distill_layers=2,
+               report_to="none")
     done = _torchrun(_flags({**cfg, "out_dir": out}))
     assert done.returncode == 0, done.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in recs] == [0, 0, 2, 2, 2, 2]
-    assert [("distill" in r) for r in recs[2:]] == [False, False, True, True]  # text-first steps have no twin
-    assert all(r["grad_norm"]["projector"] == 0.0 for r in recs[2:4])  # text-only: the projector unused (DDP ok)
+    assert [r["stage"] for r in recs] == [0, 0, 3, 3, 2, 2, 2, 2]
+    assert all(set(r["grad_norm"]) == {"lm"} and r["grad_norm"]["lm"] > 0 for r in recs[2:4])  # the projector frozen
+    assert [("distill" in r) for r in recs[4:]] == [False, False, True, True]  # text-first steps have no twin
+    assert all(r["grad_norm"]["projector"] == 0.0 for r in recs[4:6])  # text-only: the projector unused (DDP ok)
     bad = _torchrun(_flags({**cfg, "out_dir": tmp_path / "odd", "batch_size": 3}))
     assert bad.returncode != 0 and "does not split over 2 processes" in bad.stderr
     assert not (tmp_path / "odd").exists()

@@ -88,6 +88,38 @@ def test_the_text_first_gate_is_logged_and_resumed(tiny_models, tiny_pairs, tmp_
                                                           abs=1e-6)
 
 
+def test_the_format_stage_runs_before_stage_2_ends_at_its_gate_and_resumes(tiny_models, tiny_pairs, tmp_path):
+    # a threshold every loss is below: the gate closes after its window of 5 steps, of the 9 allowed
+    kw = dict(stage0_steps=0, stage1_steps=2, format_steps=9, format_until=100.0, format_lr=3e-4, stage2_lr=2e-4,
+              stage2_steps=3, text_first_steps=0, text_first_frac=0.0, checkpoint_every=100)
+    full = train(_cfg(tiny_models, tiny_pairs, tmp_path / "full", **kw))
+    records = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [(1, 0), (1, 1), *((3, k) for k in range(5)),
+                                                          *((2, k) for k in range(3))]
+    fmt = [r for r in records if r["stage"] == 3]
+    assert all(r["text_only"] and set(r["grad_norm"]) == {"lm"} for r in fmt)  # text only: the projector rests
+    assert [r["lr"]["lm"] for r in fmt] == [3e-4] * 5  # constant (no warm-up step in 9 at 3 %)
+    stage2 = [r for r in records if r["stage"] == 2]
+    assert stage2[0]["lr"] == {"projector": 1e-3, "lm": 2e-4} and not any(r.get("text_only") for r in stage2)
+    assert stage2[1]["lr"]["lm"] < 2e-4  # stage 2's own cosine, started afresh after the format stage
+    assert full["format"]["learnt_at"] == 4 and full["steps"][3] == 9
+    assert (tmp_path / "full" / "model" / "config.json").is_file()
+    # killed inside the format stage, and right after its gate closed: both resume onto the same curve
+    for stop in (4, 7):
+        out = tmp_path / f"killed{stop}"
+        train(_cfg(tiny_models, tiny_pairs, out, stop_after=stop, **kw))
+        resumed = train(_cfg(tiny_models, tiny_pairs, out, resume=True, **kw))
+        assert [x[:2] for x in _losses(out)] == [x[:2] for x in _losses(tmp_path / "full")]
+        assert [x[2] for x in _losses(out)] == pytest.approx([x[2] for x in _losses(tmp_path / "full")], rel=1e-5,
+                                                              abs=1e-6)
+        assert resumed["format"] == pytest.approx(full["format"])
+    # a threshold never reached: the format stage runs to its most, then stage 2
+    capped = train(_cfg(tiny_models, tiny_pairs, tmp_path / "capped", **{**kw, "stage1_steps": 0, "format_steps": 3,
+                                                                         "format_until": 1e-6, "stage2_steps": 1}))
+    assert [x[:2] for x in _losses(tmp_path / "capped")] == [(3, 0), (3, 1), (3, 2), (2, 0)]
+    assert capped["format"]["learnt_at"] is None
+
+
 def test_bad_runs_are_clear_errors(tiny_run, tiny_models, tiny_pairs, tmp_path):
     full, _ = tiny_run
     with pytest.raises(InputError, match="not empty"):
@@ -349,7 +381,7 @@ def test_an_encoder_decoder_run_trains_saves_and_evaluates(tiny_models, tiny_pai
                             distill_weight=0.0, scale_match=False)
     summary = train(_cfg(tiny_models, tiny_pairs, out, llm=str(tiny_models["t5"]), layer=0, stage1_steps=2,
                          stage2_steps=3, **decoder_only_off))
-    assert summary["insert_layer"] is None and summary["steps"] == {0: 0, 1: 2, 2: 3}
+    assert summary["insert_layer"] is None and summary["steps"] == {0: 0, 1: 2, 3: 0, 2: 3}
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"]["lm"] > 0 and r["grad_norm"]["projector"] > 0 for r in records if r["stage"] == 2)
     vlm = load_vlm(out / "model")
@@ -458,7 +490,7 @@ def test_encoder_decoder_models_take_the_llava15_recipe(kind, tiny_models, tmp_p
         max_steps=2, batch_size=4, stage1_batch_size=4, precision="fp32", max_length=96, template="vicuna_v1",
         num_workers=0, report_to="none", cache_dir=str(tmp_path / "cache"), out_dir=str(out), progress=False,
         **model)))
-    assert summary["steps"] == {0: 0, 1: 2, 2: 2}
+    assert summary["steps"] == {0: 0, 1: 2, 3: 0, 2: 2}
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"]["lm"] > 0 for r in records if r["stage"] == 2)
     assert all(r["loss"] > 0 for r in records)

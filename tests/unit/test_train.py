@@ -1,6 +1,7 @@
 """Instruction data builder, batches and schedules, parameter policy per stage, losses and scale matching (tiny)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,20 @@ def test_text_first_steps_wait_for_the_answer_format_only_when_asked():
         TrainConfig(text_first_until=0)
     with pytest.raises(InputError, match="text_first_max_steps"):
         TrainConfig(text_first_steps=60, text_first_until=0.1, text_first_max_steps=30)
+    with pytest.raises(InputError, match="format_until"):
+        TrainConfig(format_steps=10, format_until=0)
+
+
+def test_the_format_stage_sorts_between_stages_1_and_2(tmp_path):
+    from pg_train.checkpoints import latest_checkpoint
+
+    for name in ("stage1-step000100", "stage3-step000040", "stage2-step000001", "stage7-step000500"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+        (tmp_path / "checkpoints" / name / "optimizer.bin").write_text("")
+    assert latest_checkpoint(tmp_path).name == "stage2-step000001"  # stage 2 runs after the format stage (3)
+    shutil.rmtree(tmp_path / "checkpoints" / "stage2-step000001")
+    assert latest_checkpoint(tmp_path).name == "stage3-step000040"  # no stage 7: not one of this trainer's
 
 
 def test_recipes_are_files_the_flags_override(tmp_path):
