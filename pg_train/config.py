@@ -13,8 +13,9 @@ options and the recipe file are saved with the run (``run.json``, ``recipe.json`
   LLaVA JSON/JSONL given by ``--stage1-data``/``--stage2-data``;
 - ``molca`` — the molecule modality, MolCA-style: rxnmapper's SMILES ALBERT (frozen) → 8 slots → projector →
   SmolLM2-135M entering at L, on the offline molecule pairs (class questions, names; split by molecule), the offline
-  recipe's machinery with stage 2 shortened (110 steps of 8) to fit 15 minutes on a 2-core CPU; the LM layers ≥ L
-  train in full (``--lora``, MolCA's choice, did not learn the answer format in that budget).
+  recipe's machinery with a format stage (text only, until the answer format is learnt) before 160 stage-2 steps of
+  8 on their own schedule; the LM layers ≥ L train in full (``--lora``, MolCA's choice, did not learn the answer
+  format in the budget).
 
 ``batch_size`` is the **global** batch of one optimizer step: split over the processes and ``grad_accum``
 micro-batches (it must divide evenly).

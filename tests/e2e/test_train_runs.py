@@ -497,18 +497,21 @@ def test_encoder_decoder_models_take_the_llava15_recipe(kind, tiny_models, tmp_p
 
 
 def test_a_molecule_run_trains_saves_and_evaluates(tiny_models, tiny_molecule_pairs, tmp_path, capsys):
-    """MolCA-style: a frozen SMILES encoder's slots enter the LM at L, LoRA on the LM; class MCQ and name ranking
-    on held-out molecules, with both controls."""
+    """MolCA-style: a frozen SMILES encoder's slots enter the LM at L, LoRA on the LM (from the format stage on);
+    class MCQ and name ranking on held-out molecules, with both controls."""
     from pg_train.cli import eval_cli
     from pg_train.vlm import load_vlm
 
     trained, out = tmp_path / "trained", tmp_path / "mol"
     summary = train(_cfg(tiny_models, tiny_molecule_pairs, trained, modality="molecule",
                          vision=str(tiny_models["smiles"]), slots=3, lora=True, stage2_lr=3e-4,
-                         lr_scheduler="constant_with_warmup", system_prompt="Answer about the molecule."))
+                         lr_scheduler="constant_with_warmup", system_prompt="Answer about the molecule.",
+                         format_steps=2, format_until=1e-6, text_first_steps=0))
     assert summary["num_image_tokens"] == 3 and summary["insert_layer"] == 1
     log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
-    assert [r["lr"]["lm"] for r in log if r["stage"] == 2] == [3e-4] * 4  # the recipe molca's schedule
+    assert [r["stage"] for r in log] == [0] * 3 + [1] * 3 + [3] * 2 + [2] * 4
+    assert all(r["text_only"] and r["grad_norm"]["lm"] > 0 for r in log if r["stage"] == 3)  # the LoRA adapters
+    assert [r["lr"]["lm"] for r in log if r["stage"] == 2] == [3e-4] * 4  # no warm-up step in 4 at 3 %
     shutil.move(trained, out)  # a run folder evaluates wherever it lies: its .smi inputs are named in data/
     vlm = load_vlm(out / "model")
     assert vlm.modality == "molecule" and vlm.model.config.vision_slots == 3
