@@ -548,6 +548,9 @@ def _train(cfg: TrainConfig, accelerator: Any, layer_evidence: dict[str, Any] | 
                 rec.update(_stage_step(cfg, run, accelerator, objective, optimizer, scheduler, param_groups,
                                        batches, stage, step, world, g, precision, use_text))
                 skipped += rec.pop("skipped")
+                if stage == FORMAT_STAGE and rec["samples"] == 0:  # an empty step's loss of 0 would close the gate
+                    raise InputError("the format stage found no text in a batch: it reads stage-2 records with a "
+                                     "'caption' (their text twin) or without an image; --format-steps 0 turns it off")
                 if use_text:
                     rec["text_only"] = True
                     (format_gate if stage == FORMAT_STAGE else text_first).observe(step, rec["loss"])

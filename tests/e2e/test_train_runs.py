@@ -368,6 +368,12 @@ def test_llava_data_bad_records_fail_or_skip_and_other_bad_launches(tiny_models,
     assert "holds no records" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert train_cli([*common, "--grad-accum", "3", "--out", str(tmp_path / "g")]) == 2
     assert "not divisible by --grad-accum" in capsys.readouterr().err
+    # a format stage over records that have images and no caption: nothing to read as text
+    clean = write_llava_data(tmp_path / "clean", 16, n_images=4, text_only_frac=0.0)
+    assert train_cli([*common, "--stage2-data", clean["stage2"], "--image-root", clean["image_root"],
+                      "--format-steps", "4", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format stage found no text" in err[0] and not (tmp_path / "f").exists()
 
 
 def test_an_encoder_decoder_run_trains_saves_and_evaluates(tiny_models, tiny_pairs, tmp_path, capsys):
