@@ -319,18 +319,23 @@ class TrainConfig:
         return self.global_batch(stage) // self.grad_accum
 
     def stage_steps(self, stage: int, n_records: int) -> int:
-        """Optimizer steps of ``stage`` (1, 2 or the format stage, which reads stage 2's records) over ``n_records``
-        records: the explicit count, else the epochs over the global batch, else (stage 1) 100 with stage-1 data;
-        capped by ``max_steps``. The format stage's count is its most: it ends when its loss is low enough."""
-        if n_records == 0:
+        """Optimizer steps of ``stage`` (0, 1, 2 or the format stage, which reads stage 2's records) over
+        ``n_records`` records: the explicit count, else the epochs over the global batch, else (stage 1) 100 with
+        stage-1 data; capped by ``max_steps``. Stage 0 (the warm-up, over the whole training set at once) takes
+        ``stage0_steps`` whatever ``n_records``; the format stage's count is its most: it ends when its loss is low
+        enough."""
+        if stage == 0:
+            steps = self.stage0_steps
+        elif n_records == 0:
             return 0
-        if stage == FORMAT_STAGE:
-            return min(self.format_steps, self.max_steps) if self.max_steps is not None else self.format_steps
-        steps = self.stage1_steps if stage == 1 else self.stage2_steps
-        epochs = self.stage1_epochs if stage == 1 else self.stage2_epochs
-        if steps is None:
-            steps = (math.ceil(epochs * n_records / self.global_batch(stage)) if epochs is not None
-                     else 100 if self.stage1_data else 0)
+        elif stage == FORMAT_STAGE:
+            steps = self.format_steps
+        else:
+            steps = self.stage1_steps if stage == 1 else self.stage2_steps
+            epochs = self.stage1_epochs if stage == 1 else self.stage2_epochs
+            if steps is None:
+                steps = (math.ceil(epochs * n_records / self.global_batch(stage)) if epochs is not None
+                         else 100 if self.stage1_data else 0)
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
     def to_dict(self) -> dict[str, Any]:

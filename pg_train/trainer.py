@@ -174,7 +174,7 @@ class Run:
         if self.index[2] is not None:
             self.datasets[2] = TrainDataset(self.index[2], template=self.template, system=cfg.system_prompt,
                                             twins=cfg.uses_twins, **common)
-        self.steps = {0: cfg.stage0_steps if cfg.uses_warmup_features else 0,
+        self.steps = {0: cfg.stage_steps(0, 0) if cfg.uses_warmup_features else 0,
                       1: cfg.stage_steps(1, len(self.index[1] or [])),
                       FORMAT_STAGE: cfg.stage_steps(FORMAT_STAGE, len(self.index[2] or [])),
                       2: cfg.stage_steps(2, len(self.index[2] or []))}

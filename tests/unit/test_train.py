@@ -191,6 +191,7 @@ def test_stage_lengths_from_steps_epochs_and_the_cap():
     epochs = TrainConfig(stage2_steps=None, stage2_epochs=1.5, batch_size=32, max_steps=None)
     assert epochs.stage_steps(2, 1000) == 47  # ceil(1.5 * 1000 / 32)
     assert TrainConfig(max_steps=5).stage_steps(2, 1000) == 5
+    assert [TrainConfig(max_steps=5).stage_steps(s, 1000) for s in (0, 3)] == [5, 5]  # every stage, the warm-up too
     assert TrainConfig().stage_steps(2, 0) == 0
     with pytest.raises(InputError, match="stage1_steps"):
         TrainConfig(stage1_steps=-1)
