@@ -145,7 +145,7 @@ class TrainConfig:
     stage2_projector_lr: float = option(1e-3, "stage-2 learning rate of the projector (default: %(default)s)")
     max_steps: int | None = option(None, "cap every stage at this many optimizer steps (a short run of a long "
                                          "recipe)")
-    text_first_steps: int = option(60, "first stage-2 steps that give the caption as text instead of the image "
+    text_first_steps: int = option(0, "first stage-2 steps that give the caption as text instead of the image "
                                        "(default: %(default)s)")
     text_first_frac: float = option(0.3, "fraction of later stage-2 steps that do so (default: %(default)s)")
     text_first_until: float | None = option(None, "after the first --text-first-steps, keep every step text-only "
@@ -155,7 +155,7 @@ class TrainConfig:
                                                   "only (default: %(default)s)")
     text_first_max_steps: int = option(120, "the stage-2 step after which --text-first-until stops waiting "
                                             "(default: %(default)s)")
-    format_steps: int = option(0, "the format stage, between stage 1 and stage 2: at most this many text-only steps"
+    format_steps: int = option(200, "the format stage, between stage 1 and stage 2: at most this many text-only steps"
                                   " (each record's text twin: the caption as text in place of the image) training "
                                   "what stage 2 trains, on a constant lr after the warm-up, until the mean loss of "
                                   "the last 5 falls below --format-until; stage 2 then starts on its own schedule; "

@@ -15,7 +15,7 @@ from pg_train.trainer import TrainConfig, latest_checkpoint, train
 def _cfg(tiny_models, tiny_pairs, out, **kw):
     base = dict(out_dir=str(out), vision=str(tiny_models["dinov2"]), llm=str(tiny_models["llama"]),
                 data=str(tiny_pairs), layer=1, vision_pool=2, stage0_steps=3, stage1_steps=3, stage2_steps=4,
-                text_first_steps=1, batch_size=4, checkpoint_every=2, precision="fp32", max_length=128,
+                text_first_steps=1, format_steps=0, batch_size=4, checkpoint_every=2, precision="fp32", max_length=128,
                 cache_dir=str(Path(out).parent / "features"), progress=False, aux_weight=0.1)
     base.update(kw)
     return TrainConfig(**base)
