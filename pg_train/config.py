@@ -155,11 +155,11 @@ class TrainConfig:
                                                   "only (default: %(default)s)")
     text_first_max_steps: int = option(120, "the stage-2 step after which --text-first-until stops waiting "
                                             "(default: %(default)s)")
-    format_steps: int = option(200, "the format stage, between stage 1 and stage 2: at most this many text-only steps"
-                                  " (each record's text twin: the caption as text in place of the image) training "
-                                  "what stage 2 trains, on a constant lr after the warm-up, until the mean loss of "
-                                  "the last 5 falls below --format-until; stage 2 then starts on its own schedule; "
-                                  "0: none (default: %(default)s)")
+    format_steps: int = option(200, "the format stage, between stage 1 and stage 2: at most this many text-only "
+                                    "steps (each record's text twin: the caption as text in place of the image) "
+                                    "training what stage 2 trains, on a constant lr after the warm-up, until the "
+                                    "mean loss of the last 5 falls below --format-until; stage 2 then starts on its "
+                                    "own schedule; 0: none (default: %(default)s)")
     format_until: float = option(0.1, "the format stage ends once the mean loss of its last 5 steps is below this "
                                       "(default: %(default)s)")
     format_lr: float | None = option(None, "the format stage's learning rate (default: --stage2-lr)")
