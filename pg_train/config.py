@@ -5,8 +5,9 @@ run's options are the :class:`TrainConfig` defaults, then the recipe's values, t
 options and the recipe file are saved with the run (``run.json``, ``recipe.json``).
 
 - ``tuxpaint`` — the offline recipe and the defaults of :class:`TrainConfig` (the two are tested to agree):
-  DINOv2-S × SmolLM2-135M on the Tux Paint instruction data, with the warm-up, scale and mean matching, text-first
-  steps and text-twin distillation (why each: ``docs/recipe.md``);
+  DINOv2-S × SmolLM2-135M on the Tux Paint instruction data, with the warm-up, scale and mean matching, a format
+  stage (text only, until the answer format is learnt) before stage 2, text steps in stage 2 and text-twin
+  distillation (why each: ``docs/recipe.md``);
 - ``llava15`` — LLaVA-1.5's published hyperparameters (stage 1: projector only, lr 1e-3, global batch 256, one
   epoch, ``plain`` template; stage 2: projector + LM layers ≥ L, lr 2e-5, global batch 128, one epoch,
   ``vicuna_v1``, cosine with 3 % warm-up, no weight decay, bf16, gradient checkpointing, max length 2048), on

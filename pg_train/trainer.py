@@ -81,10 +81,10 @@ class TextFirst:
     """Which stage-2 steps give the caption as text in place of the image: the first ``text_first_steps`` always,
     a ``text_first_frac`` share of the rest at random; with ``text_first_until``, also every step after the first
     ones until the mean loss of the last :attr:`LossGate.WINDOW` text steps falls below it (the answer format is
-    learnt then, in one sudden drop whose step varies with the seed), up to step ``text_first_max_steps``. A run whose loss
-    fell within the first steps is the run without the gate, step for step. ``learnt_at``: the step the format was
-    learnt (the text loss below ``text_first_until``, or below :attr:`LEARNT` without the gate: a :class:`LossGate`
-    over the text steps)."""
+    learnt then, in one sudden drop whose step varies with the seed), up to step ``text_first_max_steps``. A run
+    whose loss fell within the first steps is the run without the gate, step for step. ``learnt_at``: the step the
+    format was learnt (the text loss below ``text_first_until``, or below :attr:`LEARNT` without the gate: a
+    :class:`LossGate` over the text steps)."""
 
     LEARNT = 0.1
 
